@@ -1,0 +1,44 @@
+"""Seeding and random-state capture for reproducible, resumable runs."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """Return a NumPy generator that depends only on (seed, epoch, stream).
+
+    Per-epoch randomness drawn from it (batch order, flip choices) is the
+    same whether a run went straight through or was resumed at an epoch
+    boundary.
+    """
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def capture_rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
