@@ -1,0 +1,177 @@
+"""Training runs: run folder, determinism, resume, baselines and option checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import matchclip.train as train_module
+from matchclip.config import resolve_config
+from matchclip.demo import generate_demo_dataset
+from matchclip.errors import ConfigError
+from matchclip.train import train, warmup_cosine
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """A small demo data set and a shared feature cache folder."""
+    root = tmp_path_factory.mktemp("demo")
+    labels = generate_demo_dataset(root / "data", seed=1, num_train=160, num_val=48, num_test=16)
+    return {"labels": str(labels), "images": str(root / "data" / "coco"), "cache_dir": str(root / "cache")}
+
+
+def small_config(small_demo, out, **overrides):
+    settings = {
+        **small_demo,
+        "out": str(out),
+        "epochs": 3,
+        "hidden": 32,
+        "mlp": 64,
+        "heads": 2,
+        "warmup_epochs": 1,
+        **overrides,
+    }
+    return resolve_config("demo", settings)
+
+
+def metric_rows(run_dir):
+    # Wall-clock seconds differ between runs; every other column must match.
+    return pd.read_csv(run_dir / "metrics.csv").drop(columns=["seconds"])
+
+
+def test_warmup_cosine_shape():
+    factors = [warmup_cosine(step, warmup_steps=4, total_steps=12) for step in range(12)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert warmup_cosine(12, warmup_steps=4, total_steps=12) == pytest.approx(0.0)
+
+
+def test_run_folder_contents(small_demo, tmp_path):
+    result = train(small_config(small_demo, tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "val_predictions.csv", "val_scores.npy", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert len(metric_rows(run_dir)) == 3
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 3
+    predictions = pd.read_csv(run_dir / "val_predictions.csv")
+    assert len(predictions) == 48
+    assert 0.0 <= result.best_score <= 1.0
+    assert result.best_epoch in (0, 1, 2)
+
+
+def test_same_seed_same_metrics(small_demo, tmp_path):
+    train(small_config(small_demo, tmp_path / "a"))
+    train(small_config(small_demo, tmp_path / "b"))
+    pd.testing.assert_frame_equal(metric_rows(tmp_path / "a"), metric_rows(tmp_path / "b"))
+    first = np.load(tmp_path / "a" / "val_scores.npy")
+    second = np.load(tmp_path / "b" / "val_scores.npy")
+    assert np.array_equal(first, second)
+
+
+def test_other_seed_other_metrics(small_demo, tmp_path):
+    train(small_config(small_demo, tmp_path / "a", seed=0))
+    train(small_config(small_demo, tmp_path / "b", seed=1))
+    first = metric_rows(tmp_path / "a")["train_loss"].to_numpy()
+    second = metric_rows(tmp_path / "b")["train_loss"].to_numpy()
+    assert not np.array_equal(first, second)
+
+
+def test_killed_run_resumes_to_same_metrics(small_demo, tmp_path, monkeypatch):
+    settings = {"epochs": 4, "augment": "flip", "balanced": True, "batch_size": 64}
+    train(small_config(small_demo, tmp_path / "straight", **settings))
+
+    real_evaluate = train_module.evaluate_scores
+    calls = {"count": 0}
+
+    def evaluate_then_die(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt("simulated kill during epoch 3")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_scores", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(small_demo, tmp_path / "resumed", **settings))
+    assert len(metric_rows(tmp_path / "resumed")) == 2
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+
+    monkeypatch.setattr(train_module, "evaluate_scores", real_evaluate)
+    train(small_config(small_demo, tmp_path / "resumed", **settings))
+    pd.testing.assert_frame_equal(metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed"))
+
+
+def test_finished_run_is_not_retrained(small_demo, tmp_path, monkeypatch):
+    first = train(small_config(small_demo, tmp_path / "run", epochs=1))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(train_module, "_train_loop", fail)
+    second = train(small_config(small_demo, tmp_path / "run", epochs=1))
+    assert second.best_metrics == first.best_metrics
+
+
+def test_other_settings_in_run_folder_rejected(small_demo, tmp_path):
+    train(small_config(small_demo, tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match="hidden"):
+        train(small_config(small_demo, tmp_path / "run", epochs=1, hidden=48))
+
+
+def test_balanced_batch_too_small_rejected(small_demo, tmp_path):
+    with pytest.raises((ConfigError, ValueError), match="batch"):
+        train(small_config(small_demo, tmp_path / "run", balanced=True, batch_size=8))
+
+
+@pytest.mark.parametrize("loss", ["focal", "label_smoothing", "asymmetric"])
+def test_alternative_losses_train(small_demo, tmp_path, loss):
+    result = train(small_config(small_demo, tmp_path / loss, epochs=1, loss=loss))
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_no_relation_tokens_trains(small_demo, tmp_path):
+    result = train(small_config(small_demo, tmp_path / "run", epochs=1, relation_tokens=False))
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_linear_probe_trains(small_demo, tmp_path):
+    result = train(small_config(small_demo, tmp_path / "run", model="linear_probe", epochs=2))
+    assert len(result.history) == 2
+
+
+def test_zero_shot_scores_without_training(small_demo, tmp_path):
+    result = train(small_config(small_demo, tmp_path / "run", model="zero_shot"))
+    assert 0.0 <= result.best_score <= 1.0
+    assert (tmp_path / "run" / "val_predictions.csv").is_file()
+
+
+def test_resnet_trains_from_images(small_demo, tmp_path):
+    result = train(
+        small_config(
+            small_demo,
+            tmp_path / "run",
+            model="resnet",
+            resnet_arch="resnet18",
+            resnet_weights=None,
+            resnet_image_size=32,
+            optimizer="sgd",
+            epochs=1,
+        )
+    )
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_randaugment_trains_from_images(small_demo, tmp_path):
+    result = train(small_config(small_demo, tmp_path / "run", augment="randaugment", epochs=1))
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+def test_logit_adjustment_changes_scores(small_demo, tmp_path):
+    plain = train(small_config(small_demo, tmp_path / "plain", epochs=1))
+    adjusted = train(small_config(small_demo, tmp_path / "adjusted", epochs=1, logit_adjustment=1.0))
+    assert not np.array_equal(
+        np.load(plain.run_dir / "val_scores.npy"), np.load(adjusted.run_dir / "val_scores.npy")
+    )
