@@ -516,7 +516,7 @@ def test_regression_logits(case):
 
     # Float32 on CPU is deterministic for one machine and torch build, but
     # another BLAS, CPU instruction set or attention kernel sums in another
-    # order. Here that moves the logits (about 1e-2 in size at this
+    # order. Here that moves the logits (about 0.1 in size at this
     # initialisation) by about 1e-9. The tolerance allows about 100 times that and
     # still fails when the relation inputs alone are scaled by 1.01, which
     # moves them by about 4e-6.
