@@ -561,6 +561,14 @@ def _create_model(name: str, pretrained: str | None, source: WeightsSource, *, s
             "force_preprocess_cfg": source.preprocess_overrides or None,
         }
 
+    # open_clip warns on the root logger whenever it builds a model without
+    # weights; random weights are what pretrained=None asks for, so that
+    # warning is dropped here and only here.
+    random_weights = source.kind != "local-dir" and source.checkpoint is None
+    quiet = _DropRecords("No pretrained weights loaded") if random_weights else None
+    root_logger = logging.getLogger()
+    if quiet is not None:
+        root_logger.addFilter(quiet)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -571,6 +579,20 @@ def _create_model(name: str, pretrained: str | None, source: WeightsSource, *, s
             "Check that the weights were trained for this architecture (same model name, image size "
             "and QuickGELU setting)"
         ) from error
+    finally:
+        if quiet is not None:
+            root_logger.removeFilter(quiet)
+
+
+class _DropRecords(logging.Filter):
+    """Logging filter that drops records whose message starts with a prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def _vision_tower_kind(visual: torch.nn.Module, name: str) -> str:
