@@ -61,7 +61,7 @@ LAYOUT_FILE = "layout.json"
 MARKER_DIR = "shards"
 CACHE_DTYPE = np.float16
 # Bytes hashed per read when checksumming rows, and the most one pread call requests.
-HASH_CHUNK_BYTES = 64 << 20
+HASH_CHUNK_BYTES = 16 << 20
 PREAD_MAX_BYTES = 1 << 30
 
 

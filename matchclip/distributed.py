@@ -40,7 +40,7 @@ class DistributedContext:
             dist.barrier()
 
     def rank_device(self, device: torch.device) -> torch.device:
-        """The device this process computes on: cuda:<local_rank> for a CUDA run under torchrun.
+        """Return the device this process computes on: cuda:<local_rank> for a CUDA run under torchrun.
 
         A CPU device, a single process, or a device with an explicit index is
         returned unchanged.
