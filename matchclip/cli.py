@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
     demo.add_argument("--num-train", type=int, default=1000, help="train images (default: 1000)")
     demo.add_argument("--num-val", type=int, default=200, help="val images (default: 200)")
-    demo.add_argument("--num-test", type=int, default=200, help="test images (default: 200)")
+    demo.add_argument("--num-test", type=int, default=500, help="test images (default: 500, the size of the real test split)")
 
     check = data_commands.add_parser("check", help="validate a label file and its images, listing every problem")
     check.add_argument("--labels", required=True, type=Path, help="label file psg_cls_basic.json")

@@ -8,17 +8,22 @@ test), so the loaders for the real data read it unchanged.
 Each scored class 6..55 is drawn as its own arrangement of two coloured
 objects: one of the 10 unordered pairs of 5 colours, in one of 5 spatial
 arrangements ("red left of green", "blue inside yellow", ...). Classes 0..5
-never occur, as in PSG. An image is 224 px, cut into a 3x3 grid of 64 px
-cells that start one 32 px patch from the top-left corner. Every cell is
-thus exactly 2x2 patches of a patch-32 ViT at 224 px, and every object sits
-in one patch. Each labelled relation fills its own cell. Empty cells stay background
-or hold a lone distractor object that forms no pair. Class frequencies follow
-a Zipf-like long tail: in train the commonest class is in 55% of the images
-and the rarest in about 1.1%.
+never occur, as in PSG.
 
-A randomly initialised patch-32 ViT learns these arrangements. When the
-objects straddle patch boundaries it does not learn them, which is why the
-grid is aligned to the patches.
+An image is 224 px. A 3x3 grid of 64 px cells starts one 32 px patch from
+the top-left corner, so every cell is exactly 2x2 patches of a patch-32 ViT
+at 224 px. Each labelled relation takes its own cell and is drawn inside one
+random patch of it: two small objects side by side or stacked, or one object
+nested in a larger one. Cells without a relation stay background or hold one
+lone, larger distractor object. Class frequencies follow a Zipf-like long
+tail: in train the commonest class is in 55% of the images and the rarest in
+about 1.1%.
+
+NOTE: with a randomly initialised backbone a head learns a relation far more
+easily when both objects share one patch token. In a measurement with the
+tiny patch-32 backbone and a 2-layer head (30 epochs, CPU), drawing the two
+objects in neighbouring patches instead reached a val mean recall@3 of about
+0.19, against about 0.30 for the layout above.
 """
 
 from __future__ import annotations
@@ -85,19 +90,21 @@ MAX_LABELS = 6
 LABEL_COUNT_SHAPE = 0.5
 DISTRACTOR_PROBABILITY = 0.5
 
+# Object sizes in px: the two objects of a side-by-side pair each fit into
+# half a patch; a nested pair fills the patch; a distractor is one larger object.
+PAIR_OBJECT_SIZE = (10, 12)
+OUTER_OBJECT_SIZE = (28, 30)
+INNER_OBJECT_SIZE = (10, 14)
+DISTRACTOR_SIZE = (20, 26)
+
 # Nuisance: grey background with a tint and pixel noise, colour jitter per
-# object and size/position jitter of each object inside its patch.
+# object and position jitter of each object inside its patch.
 BACKGROUND_GREY = (90.0, 150.0)
 BACKGROUND_TINT = 12.0
 PIXEL_NOISE_STD = 6.0
 COLOUR_JITTER = 20.0
-OBJECT_SIZE = (20, 26)
-INNER_OBJECT_SIZE = (10, 14)
-OUTER_OBJECT_SIZE = (28, 30)
 POSITION_JITTER = 3
-RANDOM_LINES = True
-LINK_ARMS = True
-ARM_WIDTH = 6
+INNER_JITTER = 2
 JPEG_QUALITY = 90
 
 _SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
@@ -211,7 +218,7 @@ def generate_demo_dataset(
     seed: int = 0,
     num_train: int = 1000,
     num_val: int = 200,
-    num_test: int = 200,
+    num_test: int = 500,
     progress: bool = False,
 ) -> Path:
     """Generate the demo data set into `out_dir` and return its label file path.
@@ -239,7 +246,7 @@ def ensure_demo_dataset(
     seed: int = 0,
     num_train: int = 1000,
     num_val: int = 200,
-    num_test: int = 200,
+    num_test: int = 500,
     progress: bool = False,
 ) -> tuple[Path, Path]:
     """Return (labels_path, image_root) of the demo data set, generating it when needed.
@@ -414,99 +421,103 @@ def _draw_object(
     left: int,
     size: int,
     colour: tuple[int, int, int],
-) -> np.ndarray:
-    """Paint a square or disc of `size` px with its top-left corner at (top, left).
-
-    Returns the jittered [3] float32 colour that was painted.
-    """
+) -> None:
+    """Paint a square or disc of `size` px with its top-left corner at (top, left)."""
     jittered = np.asarray(colour, dtype=np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
     region = image[top : top + size, left : left + size]
     if rng.random() < 0.5:
         region[...] = jittered
     else:
         region[_disc_mask(size)] = jittered
-    return jittered
 
 
-def _patch_origin(cell: int, slot: tuple[int, int]) -> tuple[int, int]:
-    """Top-left pixel of patch `slot` (row, column in 0..1) of grid cell `cell` (0..8)."""
+def patch_origin(cell: int, slot: tuple[int, int]) -> tuple[int, int]:
+    """Return the top-left pixel of patch `slot` (row, column in 0..1) of grid cell `cell` (0..8)."""
     cell_row, cell_col = divmod(cell, GRID_CELLS)
     top = GRID_ORIGIN + cell_row * CELL_SIZE + slot[0] * PATCH_SIZE
     left = GRID_ORIGIN + cell_col * CELL_SIZE + slot[1] * PATCH_SIZE
     return top, left
 
 
-def _draw_in_patch(
+def _random_patch(rng: np.random.Generator, cell: int) -> tuple[int, int]:
+    return patch_origin(cell, (int(rng.integers(2)), int(rng.integers(2))))
+
+
+def _draw_distractor(image: np.ndarray, rng: np.random.Generator, *, cell: int) -> None:
+    """Draw one lone object of DISTRACTOR_SIZE in a random patch of `cell`."""
+    top, left = _random_patch(rng, cell)
+    colour = COLOURS[int(rng.integers(len(COLOURS)))][1]
+    size = int(rng.integers(DISTRACTOR_SIZE[0], DISTRACTOR_SIZE[1] + 1))
+    centred = (PATCH_SIZE - size) // 2
+    dy, dx = np.clip(centred + rng.integers(-POSITION_JITTER, POSITION_JITTER + 1, 2), 1, PATCH_SIZE - size - 1)
+    _draw_object(image, rng, top=top + int(dy), left=left + int(dx), size=size, colour=colour)
+
+
+def _draw_nested(
     image: np.ndarray,
     rng: np.random.Generator,
     *,
-    cell: int,
-    slot: tuple[int, int],
-    colour: tuple[int, int, int],
-    arm: tuple[int, int] | None = None,
+    top: int,
+    left: int,
+    inner_colour: tuple[int, int, int],
+    outer_colour: tuple[int, int, int],
 ) -> None:
-    """Draw one object of OBJECT_SIZE, jittered but kept inside its patch.
+    """Draw an object of `inner_colour` inside one of `outer_colour`, both in the patch at (top, left)."""
+    outer = int(rng.integers(OUTER_OBJECT_SIZE[0], OUTER_OBJECT_SIZE[1] + 1))
+    offset = (PATCH_SIZE - outer) // 2
+    _draw_object(image, rng, top=top + offset, left=left + offset, size=outer, colour=outer_colour)
 
-    `arm` (row step, column step) adds a bar in the object's colour from its
-    centre to the border of its patch on that side, toward its partner.
+    inner = int(rng.integers(INNER_OBJECT_SIZE[0], INNER_OBJECT_SIZE[1] + 1))
+    centred = offset + (outer - inner) // 2
+    dy, dx = centred + rng.integers(-INNER_JITTER, INNER_JITTER + 1, 2)
+    _draw_object(image, rng, top=top + int(dy), left=left + int(dx), size=inner, colour=inner_colour)
+
+
+def _draw_side_by_side(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    top: int,
+    left: int,
+    first_colour: tuple[int, int, int],
+    second_colour: tuple[int, int, int],
+    vertical: bool,
+) -> None:
+    """Draw two objects in the two halves of the patch at (top, left).
+
+    The first object goes into the left half, or the top half when `vertical`.
+    Each object keeps at least 1 px from the middle line and the patch border.
     """
-    top, left = _patch_origin(cell, slot)
-    size = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-    centred = (PATCH_SIZE - size) // 2
-    limit = PATCH_SIZE - size - 1
-    dy, dx = np.clip(centred + rng.integers(-POSITION_JITTER, POSITION_JITTER + 1, 2), 1, limit)
-    painted = _draw_object(image, rng, top=top + int(dy), left=left + int(dx), size=size, colour=colour)
-    if arm is None or not LINK_ARMS:
-        return
-
-    centre_y, centre_x = top + int(dy) + size // 2, left + int(dx) + size // 2
-    half = ARM_WIDTH // 2
-    step_y, step_x = arm
-    if step_x:
-        end = left + PATCH_SIZE if step_x > 0 else left
-        columns = slice(min(centre_x, end), max(centre_x, end))
-        image[centre_y - half : centre_y + half, columns] = painted
-    else:
-        end = top + PATCH_SIZE if step_y > 0 else top
-        rows = slice(min(centre_y, end), max(centre_y, end))
-        image[rows, centre_x - half : centre_x + half] = painted
+    half = PATCH_SIZE // 2
+    for index, colour in enumerate((first_colour, second_colour)):
+        size = int(rng.integers(PAIR_OBJECT_SIZE[0], PAIR_OBJECT_SIZE[1] + 1))
+        along = index * half + int(rng.integers(1, half - size))
+        across = (PATCH_SIZE - size) // 2 + int(rng.integers(-POSITION_JITTER, POSITION_JITTER + 1))
+        y, x = (along, across) if vertical else (across, along)
+        _draw_object(image, rng, top=top + y, left=left + x, size=size, colour=colour)
 
 
 def _draw_relation(image: np.ndarray, rng: np.random.Generator, *, cell: int, item: DemoClass) -> None:
-    """Draw the two objects of class `item` in grid cell `cell`."""
+    """Draw the two objects of class `item` into one random patch of grid cell `cell`."""
     subject = _COLOUR_VALUES[item.subject_colour]
     obj = _COLOUR_VALUES[item.object_colour]
-    line = int(rng.integers(2)) if RANDOM_LINES else 0 * int(rng.integers(2))
+    top, left = _random_patch(rng, cell)
 
     if item.arrangement == "inside":
-        top, left = _patch_origin(cell, (int(rng.integers(2)), int(rng.integers(2))))
-        outer = int(rng.integers(OUTER_OBJECT_SIZE[0], OUTER_OBJECT_SIZE[1] + 1))
-        offset = (PATCH_SIZE - outer) // 2
-        _draw_object(image, rng, top=top + offset, left=left + offset, size=outer, colour=obj)
-
-        inner = int(rng.integers(INNER_OBJECT_SIZE[0], INNER_OBJECT_SIZE[1] + 1))
-        centred = offset + (outer - inner) // 2
-        dy, dx = centred + rng.integers(-2, 3, 2)
-        _draw_object(image, rng, top=top + int(dy), left=left + int(dx), size=inner, colour=subject)
-        return
-
-    # (subject patch, object patch) as (row, column) inside the cell.
-    slots = {
-        "left of": ((line, 0), (line, 1)),
-        "right of": ((line, 1), (line, 0)),
-        "above": ((0, line), (1, line)),
-        "below": ((1, line), (0, line)),
-    }[item.arrangement]
-    toward_object = (slots[1][0] - slots[0][0], slots[1][1] - slots[0][1])
-    toward_subject = (-toward_object[0], -toward_object[1])
-    _draw_in_patch(image, rng, cell=cell, slot=slots[0], colour=subject, arm=toward_object)
-    _draw_in_patch(image, rng, cell=cell, slot=slots[1], colour=obj, arm=toward_subject)
+        _draw_nested(image, rng, top=top, left=left, inner_colour=subject, outer_colour=obj)
+    elif item.arrangement in ("left of", "above"):
+        vertical = item.arrangement == "above"
+        _draw_side_by_side(image, rng, top=top, left=left, first_colour=subject, second_colour=obj, vertical=vertical)
+    else:
+        vertical = item.arrangement == "below"
+        _draw_side_by_side(image, rng, top=top, left=left, first_colour=obj, second_colour=subject, vertical=vertical)
 
 
 def render_image(rng: np.random.Generator, relations: list[int]) -> np.ndarray:
     """Draw one image with each relation in its own random grid cell.
 
-    Returns [IMAGE_SIZE, IMAGE_SIZE, 3] uint8 RGB.
+    Cells without a relation stay empty or, with DISTRACTOR_PROBABILITY, get a
+    lone distractor. Returns [IMAGE_SIZE, IMAGE_SIZE, 3] uint8 RGB.
     """
     num_cells = GRID_CELLS * GRID_CELLS
     if len(relations) > num_cells:
@@ -525,9 +536,7 @@ def render_image(rng: np.random.Generator, relations: list[int]) -> np.ndarray:
 
     for cell in cells[len(relations) :]:
         if rng.random() < DISTRACTOR_PROBABILITY:
-            colour = COLOURS[int(rng.integers(len(COLOURS)))][1]
-            slot = (int(rng.integers(2)), int(rng.integers(2)))
-            _draw_in_patch(image, rng, cell=int(cell), slot=slot, colour=colour)
+            _draw_distractor(image, rng, cell=int(cell))
 
     image += 0.5
     np.clip(image, 0, 255, out=image)
