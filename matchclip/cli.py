@@ -79,7 +79,7 @@ def _optional_text(text: str) -> str | None:
 
 
 def add_setting_options(parser: argparse.ArgumentParser) -> None:
-    """One option per RunConfig field, default None so the profile's value stays."""
+    """Add one option per RunConfig field, with default None so that the profile's value stays."""
     defaults = RunConfig()
     for field in dataclasses.fields(RunConfig):
         if field.name not in SETTING_HELP:
