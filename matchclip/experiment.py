@@ -167,33 +167,7 @@ class Experiment:
 
     def build_module(self, *, image_width: int | None = None, text_width: int | None = None) -> torch.nn.Module:
         """Build the trained module of this run with freshly initialised weights."""
-        config = self.config
-        if config.model == "matchclip":
-            from .model import MatchCLIP
-
-            return MatchCLIP(
-                image_width=image_width,
-                text_width=text_width,
-                num_classes=NUM_CLASSES,
-                hidden=config.hidden,
-                mlp=config.mlp,
-                heads=config.heads,
-                fusion_depth=config.fusion_depth,
-                readout_depth=config.readout_depth,
-                matching_blocks=config.matching_blocks,
-                cls_tokens=config.cls_tokens,
-                dropout=config.dropout,
-                relation_tokens=config.relation_tokens,
-            )
-        if config.model == "linear_probe":
-            from .baselines import LinearProbe
-
-            return LinearProbe(text_width, NUM_CLASSES)
-        if config.model == "resnet":
-            from .baselines import build_resnet
-
-            return build_resnet(config.resnet_arch, weights=config.resnet_weights, num_classes=NUM_CLASSES)
-        raise ConfigError(f"model {config.model!r} has no trainable module; zero_shot needs no training")
+        return build_trained_module(self.config, image_width=image_width, text_width=text_width)
 
     def module_shape(self) -> dict[str, int]:
         """Input widths of the trained module, read from the features (never hard-coded)."""
@@ -204,6 +178,43 @@ class Experiment:
             "image_width": int(train_cache.tokens.shape[-1]),
             "text_width": int(train_cache.embeddings.shape[-1]),
         }
+
+
+def build_trained_module(
+    config: RunConfig,
+    *,
+    image_width: int | None,
+    text_width: int | None,
+    load_weights: bool = True,
+) -> torch.nn.Module:
+    """Build the module that `config` trains; `load_weights=False` skips the ResNet's pretrained weights."""
+    if config.model == "matchclip":
+        from .model import MatchCLIP
+
+        return MatchCLIP(
+            image_width=image_width,
+            text_width=text_width,
+            num_classes=NUM_CLASSES,
+            hidden=config.hidden,
+            mlp=config.mlp,
+            heads=config.heads,
+            fusion_depth=config.fusion_depth,
+            readout_depth=config.readout_depth,
+            matching_blocks=config.matching_blocks,
+            cls_tokens=config.cls_tokens,
+            dropout=config.dropout,
+            relation_tokens=config.relation_tokens,
+        )
+    if config.model == "linear_probe":
+        from .baselines import LinearProbe
+
+        return LinearProbe(text_width, NUM_CLASSES)
+    if config.model == "resnet":
+        from .baselines import build_resnet
+
+        weights = config.resnet_weights if load_weights else None
+        return build_resnet(config.resnet_arch, weights=weights, num_classes=NUM_CLASSES)
+    raise ConfigError(f"model {config.model!r} has no trainable module; zero_shot needs no training")
 
 
 def prepare(config: RunConfig) -> Experiment:

@@ -476,30 +476,11 @@ def count_trainable(config: RunConfig, shape: BackboneShape) -> int:
 
 
 def _build_for_counting(config: RunConfig, shape: BackboneShape):
-    from .baselines import LinearProbe, build_resnet
-    from .classes import NUM_CLASSES
-    from .model import MatchCLIP
+    from .experiment import build_trained_module
 
-    if config.model == "resnet":
-        module = build_resnet(config.resnet_arch, weights=None, num_classes=NUM_CLASSES)
-    elif config.model == "linear_probe":
-        module = LinearProbe(shape.text_width, NUM_CLASSES)
-    else:
-        module = MatchCLIP(
-            image_width=shape.image_width,
-            text_width=shape.text_width,
-            num_classes=NUM_CLASSES,
-            hidden=config.hidden,
-            mlp=config.mlp,
-            heads=config.heads,
-            fusion_depth=config.fusion_depth,
-            readout_depth=config.readout_depth,
-            matching_blocks=config.matching_blocks,
-            cls_tokens=config.cls_tokens,
-            dropout=config.dropout,
-            relation_tokens=config.relation_tokens,
-        )
-    return module
+    return build_trained_module(
+        config, image_width=shape.image_width, text_width=shape.text_width, load_weights=False
+    )
 
 
 def format_count(count: int) -> str:

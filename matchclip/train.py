@@ -235,7 +235,7 @@ class RunFolder:
         return self.root / "summary.json"
 
     def check_config(self, config: RunConfig) -> None:
-        """Raise when the folder holds a run with other settings."""
+        """Raise ConfigError when the folder contains a run with other settings."""
         saved_path = self.root / "config.json"
         if not saved_path.is_file():
             return
@@ -251,7 +251,7 @@ class RunFolder:
         if differences:
             details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differences)
             raise ConfigError(
-                f"run folder {self.root} holds a run with other settings ({details}); "
+                f"run folder {self.root} contains a run with other settings ({details}); "
                 "pass another --out folder, or delete this one to start over"
             )
 
