@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from .errors import ImageError
 from .fileio import atomic_write_bytes
 from .images import decode_image_bytes, verify_image
 from .labels import SPLITS, LabelFile, load_labels
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def download_images(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download")
     try:
         futures = {pool.submit(_fetch_one, name, **options): name for name in file_names}
-        bar = tqdm(total=len(futures), desc="download images", unit="image", disable=not progress)
+        bar = progress_bar(total=len(futures), desc="download images", unit="image", enabled=progress)
         with bar:
             for future in as_completed(futures):
                 name = futures[future]

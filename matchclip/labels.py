@@ -24,10 +24,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .classes import NUM_CLASSES
 from .errors import ImageError, LabelFileError
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -551,12 +551,12 @@ def _decode_problems(
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(
-            tqdm(
+            progress_bar(
                 pool.map(check, file_names),
                 total=len(file_names),
                 desc="decode images",
                 unit="image",
-                disable=not progress,
+                enabled=progress,
             )
         )
     return [problem for problem in results if problem is not None]

@@ -30,12 +30,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from . import paths
 from .config import RunConfig, resolve_config
 from .errors import MatchclipError
 from .fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas
 
 logger = logging.getLogger(__name__)
 
@@ -275,38 +278,16 @@ class _DropMessage(logging.Filter):
 def setup_notebook(level: int = logging.WARNING) -> None:
     """Configure the kernel for quiet, reproducible output: no progress bars, log records at `level` and above.
 
-    tqdm reads TQDM_DISABLE when it is first imported, so call this before
-    anything imports tqdm (the notebooks call it in their first code cell).
+    The package's bars (matchclip.progress) read TQDM_DISABLE on every call,
+    so this works even after tqdm was imported. Set TQDM_DISABLE=0 before
+    the first cell to keep the bars.
     """
     os.environ.setdefault("TQDM_DISABLE", "1")
     # tqdm.auto warns on import in a kernel without ipywidgets; its bars are disabled here anyway.
     warnings.filterwarnings("ignore", message="IProgress not found")
-    if os.environ["TQDM_DISABLE"].strip().lower() in ("1", "true", "yes", "on"):
-        force_tqdm_disabled()
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropMessage(RANDOM_INIT_MESSAGE))
-
-
-def force_tqdm_disabled() -> None:
-    """Disable every tqdm bar of this process, including bars created with an explicit disable=False.
-
-    TQDM_DISABLE only changes tqdm's default, and the library modules pass
-    `disable=not progress`, which overrides it. This wraps tqdm's constructor
-    so that `disable` is always True; a second call does nothing.
-    """
-    from tqdm import std
-
-    constructor = std.tqdm.__dict__["__init__"]
-    if getattr(constructor, "forces_disable", False):
-        return
-
-    def disabled_init(self, *args, **kwargs):
-        kwargs["disable"] = True
-        constructor.__get__(self, type(self))(*args, **kwargs)
-
-    disabled_init.forces_disable = True
-    std.tqdm.__init__ = disabled_init
 
 
 def merge_settings(overrides: Mapping[str, Any] | None = None, **named: Any) -> dict[str, Any]:
@@ -513,7 +494,7 @@ def _backbone_weight_problems(config: RunConfig) -> list[str]:
 # Data summaries for 00_data ---------------------------------------------------------------------------
 
 
-def split_table(labels) -> "pandas.DataFrame":
+def split_table(labels) -> pandas.DataFrame:
     """Samples, distinct image files and labels per image of each split of a LabelFile."""
     import numpy as np
     import pandas as pd
@@ -538,7 +519,7 @@ def split_table(labels) -> "pandas.DataFrame":
     return pd.DataFrame(records)
 
 
-def class_count_table(labels, splits: Sequence[str] = ("train", "val")) -> "pandas.DataFrame":
+def class_count_table(labels, splits: Sequence[str] = ("train", "val")) -> pandas.DataFrame:
     """Images per predicate class and split, one row per class 0..55 (classes 0..5 are never labels)."""
     import pandas as pd
 
@@ -548,7 +529,7 @@ def class_count_table(labels, splits: Sequence[str] = ("train", "val")) -> "pand
     return frame
 
 
-def imbalance_table(counts: "pandas.DataFrame", splits: Sequence[str] = ("train", "val")) -> "pandas.DataFrame":
+def imbalance_table(counts: "pandas.DataFrame", splits: Sequence[str] = ("train", "val")) -> pandas.DataFrame:
     """Per split: most and least frequent scored class, their ratio, and the scored classes with no label."""
     import pandas as pd
 

@@ -17,6 +17,7 @@ from matchclip.config import resolve_config
 from matchclip.demo import generate_demo_dataset
 from matchclip.errors import MatchclipError
 from matchclip.labels import load_labels
+from matchclip.progress import progress_bar
 
 COMMITTED = sorted((paths.project_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED_NAMES = ["00_data", "01_baselines", "02_main_results", "03_ablation", "04_attention_maps"]
@@ -240,15 +241,23 @@ def test_run_notebooks_failure_names_cell_error(project):
     assert (project / "reports" / "executed" / "00_fail.ipynb").is_file()
 
 
-def test_force_tqdm_disabled_beats_explicit_argument():
-    code = (
-        "from matchclip.notebooks import force_tqdm_disabled\n"
-        "force_tqdm_disabled()\n"
-        "force_tqdm_disabled()\n"
-        "from tqdm.auto import tqdm\n"
-        "bar = tqdm(range(3), desc='visible?', disable=False)\n"
-        "print(list(bar), bar.disable)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[0, 1, 2] True"
-    assert "visible?" not in result.stderr
+def test_progress_bars_follow_tqdm_disable_after_import(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert not progress_bar(range(3), enabled=True).disable
+    assert progress_bar(range(3), enabled=False).disable
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    bar = progress_bar(range(3), enabled=True)
+    assert list(bar) == [0, 1, 2]
+    assert bar.disable
+
+
+def test_setup_notebook_turns_bars_off_unless_asked(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    monkeypatch.delenv("TQDM_DISABLE")
+    notebooks.setup_notebook()
+    assert progress_bar(range(3)).disable
+
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    notebooks.setup_notebook()
+    assert not progress_bar(range(3)).disable
