@@ -56,6 +56,7 @@ SETTING_HELP = {
     "balanced": "class-balanced batches: every class with train examples in every batch",
     "augment": "none, flip (from the cache), autoaugment or randaugment (from images)",
     "logit_adjustment": "strength tau: subtract tau*log(train class frequency) from logits at evaluation; 0 disables",
+    "prior_bias": "start the output biases at the log-odds of the train class frequencies, so training starts from the frequency prior",
     "seed": "seed of Python, NumPy, torch and the sampler",
     "device": "auto, cpu, cuda or cuda:N",
     "workers": "DataLoader worker processes for image decoding",
@@ -215,14 +216,21 @@ def run_data(args) -> int:
 
 
 def run_extract(args) -> int:
+    from .distributed import init_distributed
     from .experiment import prepare
 
     experiment = prepare(_config_from_args(args))
+    # Under torchrun every rank encodes its share of the shards into one cache.
+    context = init_distributed(experiment.device)
+    experiment.device = context.rank_device(experiment.device)
     for split in args.splits:
         for view in args.views:
-            cache = experiment.cache(split, view)
-            print(f"{split}/{view}: {cache.tokens.shape[0]} images, tokens {tuple(cache.tokens.shape[1:])} -> {cache.root}")
-    experiment.relation_embeddings()
+            cache = experiment.cache(split, view, context=context)
+            if context.is_main:
+                print(f"{split}/{view}: {cache.tokens.shape[0]} images, tokens {tuple(cache.tokens.shape[1:])} -> {cache.root}")
+    if context.is_main:
+        experiment.relation_embeddings()
+    context.barrier()
     return 0
 
 
@@ -291,11 +299,15 @@ HANDLERS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The package reports progress at INFO; other libraries (open_clip logs
+    # every model build at INFO) speak only from WARNING unless --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        logger.setLevel(logging.INFO)
     try:
         return HANDLERS[args.command](args)
     except MatchclipError as error:

@@ -72,12 +72,16 @@ def runs(tmp_path_factory):
     data = {"labels": labels, "images": root / "data" / "coco"}
 
     run([sys.executable, *train_command(data, cache_dir=root / "cache-single", out=root / "single")])
-    run(
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run([*torchrun, *train_command(data, cache_dir=root / "cache-ddp", out=root / "ddp")])
+    extracted = run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *train_command(data, cache_dir=root / "cache-ddp", out=root / "ddp"),
+            *torchrun, "-m", "matchclip", "extract", "--profile", "demo", "--splits", "train", "val",
+            "--labels", str(data["labels"]), "--images", str(data["images"]),
+            "--cache-dir", str(root / "cache-extract"),
         ]
     )
+    (root / "extract.out").write_text(extracted.stdout)
     return root
 
 
@@ -95,6 +99,20 @@ def test_torchrun_cache_equals_single_process(runs):
         for file_name in ("tokens.npy", "embeddings.npy"):
             assert (ddp[name] / file_name).read_bytes() == (folder / file_name).read_bytes(), f"{name}/{file_name}"
     assert not list((runs / "cache-ddp").glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_torchrun_extract_command_equals_single_process(runs):
+    single = cache_folders(runs / "cache-single")
+    extracted = cache_folders(runs / "cache-extract")
+
+    assert sorted(extracted) == sorted(single)
+    # Only rank 0 reports; two lines per split would mean two unsharded single-process runs.
+    report = (runs / "extract.out").read_text().splitlines()
+    assert [line.split(":")[0] for line in report] == ["train/plain", "val/plain"]
+    for name, folder in single.items():
+        for file_name in ("tokens.npy", "embeddings.npy"):
+            assert (extracted[name] / file_name).read_bytes() == (folder / file_name).read_bytes(), f"{name}/{file_name}"
 
 
 @pytest.mark.slow
