@@ -48,6 +48,7 @@ import numpy as np
 from . import paths
 from .classes import FIRST_SCORED_CLASS, NUM_CLASSES, PREDICATE_CLASSES
 from .fileio import atomic_write_json, atomic_write_text
+from .grid import backbone_shape
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class Settings:
     """Sizes of one benchmark run; `quick()` is the smaller variant."""
 
     repeats: int = 3
+    # Rounds of the cheap comparisons on the tiny backbone: more rounds steady
+    # their medians against the noise of a shared machine.
+    tiny_repeats: int = 7
     cache_batch: int = 8
     cache_steps: int = 2
     tiny_batch: int = 32
@@ -92,6 +96,7 @@ class Settings:
     def quick(cls) -> "Settings":
         return cls(
             repeats=2,
+            tiny_repeats=4,
             cache_steps=1,
             tiny_steps=5,
             extraction_images=8,
@@ -369,26 +374,6 @@ def random_targets(num_rows: int, *, seed: int = 0) -> np.ndarray:
     return targets
 
 
-def backbone_geometry(name: str) -> dict[str, int]:
-    """Read the token count, token width and embedding width of an open_clip ViT from its config."""
-    import open_clip
-
-    from . import backbone as _backbone  # registers the project's model configs
-
-    del _backbone
-    config = open_clip.get_model_config(name)
-    if config is None:
-        raise ValueError(f"unknown open_clip model {name!r}")
-    vision = config["vision_cfg"]
-    grid = vision["image_size"] // vision["patch_size"]
-    return {
-        "num_tokens": grid * grid + 1,
-        "token_width": vision["width"],
-        "embed_dim": config["embed_dim"],
-        "grid": grid,
-    }
-
-
 # ---------------------------------------------------------------------------
 # Head training steps
 
@@ -518,11 +503,11 @@ def bench_cache(workspace: Workspace) -> Section:
         "head step GFLOP/s", "measured ratio", "FLOP ratio", "time ratio",
     ]
     configurations = [
-        (BASE_BACKBONE, BASE_PRESET, settings.cache_batch, settings.cache_steps),
-        (TINY_MODEL, DEMO_PRESET, settings.tiny_batch, settings.tiny_steps),
+        (BASE_BACKBONE, BASE_PRESET, settings.cache_batch, settings.cache_steps, settings.repeats),
+        (TINY_MODEL, DEMO_PRESET, settings.tiny_batch, settings.tiny_steps, settings.tiny_repeats),
     ]
-    for backbone_name, preset, batch, steps in configurations:
-        result = _cache_versus_encoding(workspace, backbone_name, preset, batch=batch, steps=steps)
+    for backbone_name, preset, batch, steps, repeats in configurations:
+        result = _cache_versus_encoding(workspace, backbone_name, preset, batch=batch, steps=steps, repeats=repeats)
         label = f"{backbone_name} + {preset}"
         section.rows.append(
             [
@@ -562,7 +547,9 @@ def bench_cache(workspace: Workspace) -> Section:
     return section
 
 
-def _cache_versus_encoding(workspace: Workspace, backbone_name: str, preset: str, *, batch: int, steps: int) -> dict:
+def _cache_versus_encoding(
+    workspace: Workspace, backbone_name: str, preset: str, *, batch: int, steps: int, repeats: int
+) -> dict:
     import torch
 
     from .cache import build_cache
@@ -570,7 +557,6 @@ def _cache_versus_encoding(workspace: Workspace, backbone_name: str, preset: str
     from .sampler import ShuffledBatchSampler
     from .train import make_loader
 
-    settings = workspace.settings
     backbone = workspace.backbone(backbone_name)
     labels, image_root = workspace.dataset(batch, seed=1)
     cache = build_cache(
@@ -584,7 +570,7 @@ def _cache_versus_encoding(workspace: Workspace, backbone_name: str, preset: str
     trainer = HeadTrainer(head_preset(preset), image_width=backbone.token_width, text_width=backbone.embed_dim)
     dataset = CachedFeatureDataset(cache, labels.targets("train"))
     # Enough batches for the warm-up round and every timed round.
-    sampler = ShuffledBatchSampler(labels.targets("train"), batch, num_batches=(settings.repeats + 1) * steps)
+    sampler = ShuffledBatchSampler(labels.targets("train"), batch, num_batches=(repeats + 1) * steps)
     batches = iter(make_loader(dataset, batch_sampler=sampler, workers=0, seed=0, epoch=0))
     read_seconds: list[float] = []
 
@@ -604,9 +590,7 @@ def _cache_versus_encoding(workspace: Workspace, backbone_name: str, preset: str
             tokens, _ = backbone.encode_images(images)
             trainer.step(tokens, targets)
 
-    times = interleaved(
-        {"cache": cache_steps, "memory": memory_steps, "encode": encoding_steps}, repeats=settings.repeats
-    )
+    times = interleaved({"cache": cache_steps, "memory": memory_steps, "encode": encoding_steps}, repeats=repeats)
     head_flops = count_flops(lambda: trainer.step(tokens_in_memory, targets))
     encoder_flops = backbone_flops(backbone, images)
 
@@ -636,15 +620,15 @@ def bench_head(workspace: Workspace) -> Section:
 
     settings = workspace.settings
     section = Section("head", "Head speed")
-    geometry = backbone_geometry(BASE_BACKBONE)
+    geometry = backbone_shape(BASE_BACKBONE)
     batch = settings.cache_batch
-    tokens = torch.randn(batch, geometry["num_tokens"], geometry["token_width"])
+    tokens = torch.randn(batch, geometry.num_tokens, geometry.image_width)
     targets = torch.from_numpy(random_targets(batch))
     trainers = {
         fused: HeadTrainer(
             head_preset(BASE_PRESET),
-            image_width=geometry["token_width"],
-            text_width=geometry["embed_dim"],
+            image_width=geometry.image_width,
+            text_width=geometry.text_width,
             fused_attention=fused,
         )
         for fused in (True, False)
@@ -685,8 +669,8 @@ def bench_head(workspace: Workspace) -> Section:
         section.rows.append([name, 1 / seconds, step_flops / 1e9, rate / 1e9, rate / matmul_rate])
     section.notes = [
         f"Base head (preset {BASE_PRESET}) on {BASE_BACKBONE} token shapes: batch {batch} of "
-        f"{geometry['num_tokens']} tokens of width {geometry['token_width']}, 56 relation embeddings of width "
-        f"{geometry['embed_dim']}; one training step = forward, BCE, backward and an AdamW (AMSGrad) step, "
+        f"{geometry.num_tokens} tokens of width {geometry.image_width}, 56 relation embeddings of width "
+        f"{geometry.text_width}; one training step = forward, BCE, backward and an AdamW (AMSGrad) step, "
         "dropout 0.1 active.",
         "matmul FLOP/s is the best of the timed torch.matmul calls of two 2048x2048 float32 matrices, "
         "interleaved with the head steps; it is the practical limit of this machine for float32 "
@@ -710,7 +694,8 @@ def bench_extraction(workspace: Workspace) -> Section:
         "extraction / forward",
     ]
     base = _extraction_versus_forward(
-        workspace, BASE_BACKBONE, images=settings.extraction_images, batch=settings.extraction_batch, workers=0
+        workspace, BASE_BACKBONE, images=settings.extraction_images, batch=settings.extraction_batch, workers=0,
+        repeats=settings.repeats,
     )
     section.rows.append([BASE_BACKBONE, settings.extraction_images, settings.extraction_batch, 0, *base["row"]])
     section.add(
@@ -724,7 +709,7 @@ def bench_extraction(workspace: Workspace) -> Section:
     for workers in (0, 2):
         tiny = _extraction_versus_forward(
             workspace, TINY_MODEL, images=settings.tiny_extraction_images, batch=settings.tiny_extraction_batch,
-            workers=workers,
+            workers=workers, repeats=settings.tiny_repeats,
         )
         tiny_results[workers] = tiny
         section.rows.append(
@@ -751,10 +736,11 @@ def bench_extraction(workspace: Workspace) -> Section:
     return section
 
 
-def _extraction_versus_forward(workspace: Workspace, backbone_name: str, *, images: int, batch: int, workers: int) -> dict:
+def _extraction_versus_forward(
+    workspace: Workspace, backbone_name: str, *, images: int, batch: int, workers: int, repeats: int
+) -> dict:
     from .cache import build_cache
 
-    settings = workspace.settings
     backbone = workspace.backbone(backbone_name)
     labels, image_root = workspace.dataset(images, seed=2)
     preprocessed = workspace.preprocessed(backbone, labels, image_root)
@@ -772,7 +758,7 @@ def _extraction_versus_forward(workspace: Workspace, backbone_name: str, *, imag
             backbone.encode_images(preprocessed[start : start + batch])
 
     warmup = 1 if backbone_name != BASE_BACKBONE else 0
-    times = interleaved({"extract": extract, "forward": forward}, repeats=settings.repeats, warmup=warmup)
+    times = interleaved({"extract": extract, "forward": forward}, repeats=repeats, warmup=warmup)
     share = median_ratio(times["forward"], times["extract"])
     return {
         "share": share,
@@ -817,8 +803,8 @@ def bench_memory(workspace: Workspace) -> Section:
     settings = workspace.settings
     section = Section("memory", "Memory while training from a large cache")
     backbone_name = _preset_backbone(LARGE_PRESET)
-    geometry = backbone_geometry(backbone_name)
-    row_bytes = geometry["num_tokens"] * geometry["token_width"] * 2
+    geometry = backbone_shape(backbone_name)
+    row_bytes = geometry.num_tokens * geometry.image_width * 2
     big_rows = math.ceil(settings.memory_cache_bytes / row_bytes)
     small_rows = max(settings.memory_batch * 4, math.ceil(big_rows * settings.memory_small_fraction))
 
@@ -834,9 +820,9 @@ def bench_memory(workspace: Workspace) -> Section:
                 caches[size_name] = write_synthetic_cache(
                     workspace.folder(f"memory-{size_name}"),
                     num_rows=rows,
-                    num_tokens=geometry["num_tokens"],
-                    token_width=geometry["token_width"],
-                    embed_dim=geometry["embed_dim"],
+                    num_tokens=geometry.num_tokens,
+                    token_width=geometry.image_width,
+                    embed_dim=geometry.text_width,
                     dense_every=16,
                 ).root
             result = run_memory_child(
@@ -865,7 +851,7 @@ def bench_memory(workspace: Workspace) -> Section:
         section.add("peak RSS reading rows through the memory map instead", results[("big", "memmap")]["peak_rss"] / 1e9, "GB")
     section.notes = [
         f"The cache has the token geometry of {backbone_name} (the Large and Huge variants' backbone): "
-        f"{geometry['num_tokens']} tokens of width {geometry['token_width']} in float16, "
+        f"{geometry.num_tokens} tokens of width {geometry.image_width} in float16, "
         f"{row_bytes / 1e6:.2f} MB per image. It is written as a sparse file with random tokens in every "
         "16th row, with valid shard checksums.",
         "Each training run is a separate process: open_cache with checksum verification, "
@@ -994,17 +980,17 @@ def _epoch_times(workspace: Workspace, backbone_name: str, *, rows: int, factors
     from .train import make_loader
 
     settings = workspace.settings
-    geometry = backbone_geometry(backbone_name)
-    trainer = HeadTrainer(head_preset(DEMO_PRESET), image_width=geometry["token_width"], text_width=geometry["embed_dim"])
+    geometry = backbone_shape(backbone_name)
+    trainer = HeadTrainer(head_preset(DEMO_PRESET), image_width=geometry.image_width, text_width=geometry.text_width)
     arms = {}
     for factor in factors:
         count = rows * factor
         cache = write_synthetic_cache(
             workspace.folder("growth-cache"),
             num_rows=count,
-            num_tokens=geometry["num_tokens"],
-            token_width=geometry["token_width"],
-            embed_dim=geometry["embed_dim"],
+            num_tokens=geometry.num_tokens,
+            token_width=geometry.image_width,
+            embed_dim=geometry.text_width,
         )
         targets = random_targets(count)
         dataset = CachedFeatureDataset(cache, targets)
@@ -1016,7 +1002,7 @@ def _epoch_times(workspace: Workspace, backbone_name: str, *, rows: int, factors
 
         arms[factor] = epoch
 
-    times = interleaved(arms, repeats=settings.repeats)
+    times = interleaved(arms, repeats=settings.tiny_repeats)
     first = factors[0]
     return {
         "seconds": {factor: float(np.median(times[factor])) for factor in factors},
@@ -1040,7 +1026,7 @@ def _extraction_times(workspace: Workspace, backbone_name: str, *, images: int, 
 
         return run
 
-    times = interleaved({factor: extract(factor) for factor in factors}, repeats=settings.repeats)
+    times = interleaved({factor: extract(factor) for factor in factors}, repeats=settings.tiny_repeats)
     first = factors[0]
 
     largest = factors[-1]

@@ -46,7 +46,6 @@ import numpy as np
 from .benchmark import (
     GPU_RECORD_KEY,
     RECORD_NAME,
-    backbone_geometry,
     format_value,
     load_records,
     machine_info,
@@ -82,7 +81,13 @@ def grid_trainings(profile: str) -> list[GridTraining]:
     zero-shot CLIP is left out because it trains nothing.
     """
     from .experiment import run_identity
-    from .grid import ablation_rows, baseline_rows, main_rows, relation_token_rows, resolve_row
+    from .grid import (
+        ablation_rows,
+        baseline_rows,
+        main_rows,
+        relation_token_rows,
+        resolve_row,
+    )
 
     tables = [("2", baseline_rows(profile) + main_rows(profile)), ("3", ablation_rows(profile)), ("4", relation_token_rows(profile))]
     trainings: dict[str, GridTraining] = {}
@@ -231,11 +236,11 @@ def measure_training_steps(training: GridTraining, options, *, device, timer: Ti
     """
     import torch
 
-    from .baselines import LinearProbe, build_resnet
     from .classes import NUM_CLASSES
+    from .experiment import build_trained_module
     from .grid import backbone_shape
     from .losses import build_loss
-    from .model import MatchCLIP
+    from .train import build_optimizer
 
     config = training.config
     batch = config.batch_size
@@ -243,33 +248,26 @@ def measure_training_steps(training: GridTraining, options, *, device, timer: Ti
     torch.manual_seed(0)
 
     if config.model == "resnet":
-        model = build_resnet(config.resnet_arch, weights=None, num_classes=NUM_CLASSES).to(device)
+        model = build_trained_module(config, image_width=None, text_width=None, load_weights=False).to(device)
         size = config.resnet_image_size
         inputs = (torch.randn(batch, 3, size, size, device=device),)
         eval_inputs = (torch.randn(config.eval_batch_size, 3, size, size, device=device),)
     elif config.model == "linear_probe":
         width = backbone_shape(config.backbone).text_width
-        model = LinearProbe(width, NUM_CLASSES).to(device)
+        model = build_trained_module(config, image_width=None, text_width=width).to(device)
         inputs = (torch.randn(batch, width, device=device),)
         eval_inputs = (torch.randn(config.eval_batch_size, width, device=device),)
     else:
-        geometry = backbone_geometry(config.backbone)
-        model = MatchCLIP(
-            image_width=geometry["token_width"], text_width=geometry["embed_dim"], num_classes=NUM_CLASSES,
-            hidden=config.hidden, mlp=config.mlp, heads=config.heads, fusion_depth=config.fusion_depth,
-            readout_depth=config.readout_depth, matching_blocks=config.matching_blocks,
-            cls_tokens=config.cls_tokens, dropout=config.dropout, relation_tokens=config.relation_tokens,
+        geometry = backbone_shape(config.backbone)
+        model = build_trained_module(
+            config, image_width=geometry.image_width, text_width=geometry.text_width
         ).to(device)
-        relations = torch.randn(NUM_CLASSES, geometry["embed_dim"], device=device)
-        shape = (geometry["num_tokens"], geometry["token_width"])
+        relations = torch.randn(NUM_CLASSES, geometry.text_width, device=device)
+        shape = (geometry.num_tokens, geometry.image_width)
         inputs = (torch.randn(batch, *shape, device=device), relations)
         eval_inputs = (torch.randn(config.eval_batch_size, *shape, device=device), relations)
 
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum)
-    else:
-        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, amsgrad=config.amsgrad)
+    optimizer = build_optimizer(config, [parameter for parameter in model.parameters() if parameter.requires_grad])
     loss_fn = build_loss(config.loss, **config.loss_options)
 
     def step() -> None:

@@ -148,24 +148,34 @@ def test_backbone_flops_counts_every_matmul():
 
 @pytest.mark.slow
 def test_memory_stays_flat_with_pread(tmp_path):
-    # 4096 rows of 65 tokens of width 512: about 0.27 GB, small tokens so the steps are cheap.
-    cache = write_synthetic_cache(
-        tmp_path / "cache", num_rows=4096, num_tokens=65, token_width=512, embed_dim=64, dense_every=16
-    )
-    size = (cache.root / "tokens.npy").stat().st_size
+    # Dense rows of 65 tokens of width 512: every page is real data, so no
+    # file system can serve a hole from its shared zero page.
+    def cache_of(rows):
+        return write_synthetic_cache(
+            tmp_path / f"cache-{rows}", num_rows=rows, num_tokens=65, token_width=512, embed_dim=64
+        )
 
-    pread = run_memory_child(cache.root, steps=48, batch=64, reader="pread")
-    mapped = run_memory_child(cache.root, steps=48, batch=64, reader="memmap")
+    small, large = cache_of(1024), cache_of(4096)
+    grown = (large.root / "tokens.npy").stat().st_size - (small.root / "tokens.npy").stat().st_size
 
-    assert pread["steps"] == 48
-    # The checksum verification reads the whole file. Through the memory map
-    # every page read stays resident, but pread keeps only one 16 MB chunk.
-    assert mapped["peak_rss"] - pread["peak_rss"] > 0.6 * size
+    pread_small = run_memory_child(small.root, steps=16, batch=64, reader="pread")
+    pread_large = run_memory_child(large.root, steps=16, batch=64, reader="pread")
+    mapped_large = run_memory_child(large.root, steps=16, batch=64, reader="memmap")
+
+    assert pread_large["steps"] == 16
+    # The checksum verification reads the whole file. With pread only one
+    # 16 MB chunk is resident at a time, so a cache 4 times larger barely
+    # moves the peak. Through the memory map the pages read stay resident,
+    # which shows the measure can see them.
+    assert pread_large["peak_rss"] - pread_small["peak_rss"] < 0.2 * grown
+    assert mapped_large["peak_rss"] - pread_large["peak_rss"] > 0.3 * grown
 
 
 @pytest.mark.slow
 def test_benchmark_command_writes_report(tmp_path, capsys):
-    settings = Settings(repeats=1, growth_rows=64, growth_images=4, growth_factors=(1, 2), image_size=(64, 48))
+    settings = Settings(
+        repeats=1, tiny_repeats=1, growth_rows=64, growth_images=4, growth_factors=(1, 2), image_size=(64, 48)
+    )
 
     code = benchmark.main(["--only", "growth", "--report-dir", str(tmp_path)], settings=settings)
     output = capsys.readouterr().out

@@ -79,8 +79,8 @@ def test_scaled_variants_grow():
     huge = resolve_config("demo", grid.variant_overrides("demo", "huge"))
     assert base.hidden < large.hidden < huge.hidden
     assert huge.hidden == round(large.hidden * grid.HUGE_WIDTH_RATIO)
-    assert huge.dropout == 0.3
-    assert large.dropout == base.dropout
+    # The scaled variants differ in width only; dropout stays the profile's.
+    assert huge.dropout == large.dropout == base.dropout == resolve_config("demo").dropout
 
 
 def test_published_variants_use_presets():
