@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .backbone import Backbone, sha256_file
 from .classes import DEFAULT_PROMPT_TEMPLATE
@@ -47,6 +46,7 @@ from .errors import CacheError, WriteError
 from .fileio import atomic_path, atomic_write_json
 from .images import ImageDataset
 from .labels import LabelFile, Sample
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -106,15 +106,37 @@ def plan_shards(num_samples: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def cache_fingerprint(backbone: Backbone, labels: LabelFile, *, split: str, view: str) -> dict:
+def cache_fingerprint(
+    backbone: Backbone, labels: LabelFile, *, split: str, view: str, image_root: str | os.PathLike
+) -> dict:
     """Collect every input that determines the content of a feature cache, as JSON-ready values."""
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone.fingerprint(),
         "labels_sha256": sha256_file(labels.path),
+        "images": image_signature(labels, split, image_root),
         "split": split,
         "view": view,
     }
+
+
+def image_signature(labels: LabelFile, split: str, image_root: str | os.PathLike) -> str:
+    """sha256 over the file name, size and modification time of every image of a split.
+
+    Replaced images (a regenerated demo data set, a fresh download) change the
+    signature, so their cache is rebuilt, without reading every file's bytes.
+    A missing file is left to the extraction, which names it.
+    """
+    digest = hashlib.sha256()
+    root = Path(image_root)
+    for sample in labels.split(split):
+        try:
+            status = (root / sample.file_name).stat()
+            entry = f"{sample.file_name}\t{status.st_size}\t{status.st_mtime_ns}\n"
+        except OSError:
+            entry = f"{sample.file_name}\tmissing\n"
+        digest.update(entry.encode())
+    return digest.hexdigest()
 
 
 def cache_key(fingerprint: dict) -> str:
@@ -157,7 +179,7 @@ def build_cache(
     samples = labels.split(split)
     cache_root = Path(cache_root).expanduser().resolve()
     cache_root.mkdir(parents=True, exist_ok=True)
-    fingerprint = cache_fingerprint(backbone, labels, split=split, view=view)
+    fingerprint = cache_fingerprint(backbone, labels, split=split, view=view, image_root=image_root)
     key = cache_key(fingerprint)
     final = cache_root / key
     image_ids = [sample.image_id for sample in samples]
@@ -405,7 +427,7 @@ class _Builder:
 
         started = time.perf_counter()
         total = sum(stop - start for _, start, stop in batches)
-        with tqdm(total=total, unit="img", desc=key, disable=not progress) as bar:
+        with progress_bar(total=total, unit="img", desc=key, enabled=progress) as bar:
             for (shard, start, stop), (images, indices) in zip(batches, loader):
                 first, last = int(indices[0]), int(indices[-1])
                 if (first, last) != (start, stop - 1):

@@ -77,18 +77,26 @@ def resolve_data_paths(config: RunConfig) -> tuple[Path, Path]:
     return labels, images
 
 
-def run_identity(config: RunConfig, labels_sha256: str) -> str:
-    """Short hash of everything that determines a run's results."""
+def run_identity(config: RunConfig, labels_sha256: str, images: str = "") -> str:
+    """Short hash of everything that determines a run's results.
+
+    `images` is a signature of the image files (cache.image_signature), so a
+    regenerated data set with the same label file gets a new run folder.
+    """
     settings = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
     settings["labels_sha256"] = labels_sha256
+    if images:
+        settings["images"] = images
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def default_run_dir(config: RunConfig, identity: str) -> Path:
+    """runs/<profile>-<preset or model>-<identity>, naming the profile once when both agree."""
     prefix = config.profile or "custom"
     name = config.preset if config.model == "matchclip" and config.preset else config.model
-    return paths.runs_dir() / f"{prefix}-{name}-{identity}"
+    parts = [prefix] if name == prefix else [prefix, name]
+    return paths.runs_dir() / "-".join([*parts, identity])
 
 
 @dataclass
@@ -220,13 +228,16 @@ def build_trained_module(
 def prepare(config: RunConfig) -> Experiment:
     from .labels import load_labels
 
+    from .cache import image_signature
+
     labels_path, image_root = resolve_data_paths(config)
-    labels_sha = file_sha256(labels_path)
+    labels = load_labels(labels_path)
+    images = "".join(image_signature(labels, split, image_root) for split in ("train", "val"))
     return Experiment(
         config=config,
         labels_path=labels_path,
         image_root=image_root,
-        labels=load_labels(labels_path),
+        labels=labels,
         device=select_device(config.device),
-        identity=run_identity(config, labels_sha),
+        identity=run_identity(config, file_sha256(labels_path), images),
     )

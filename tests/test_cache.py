@@ -174,6 +174,22 @@ def test_other_label_content_rebuilds(backbone, tmp_path, counter):
     assert second.meta["fingerprint"]["labels_sha256"] != first.meta["fingerprint"]["labels_sha256"]
 
 
+def test_replaced_image_rebuilds(backbone, dataset, tmp_path, counter):
+    labels, image_root = dataset
+    first = build(backbone, dataset, tmp_path / "cache")
+    # Same label file, new pixels in one image: a regenerated data set.
+    path = image_root / labels.split("train")[0].file_name
+    Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)).save(path)
+
+    second = build(backbone, dataset, tmp_path / "cache")
+
+    assert counter.images == 2 * NUM_TRAIN
+    assert second.root != first.root
+    assert second.meta["fingerprint"]["labels_sha256"] == first.meta["fingerprint"]["labels_sha256"]
+    assert not np.array_equal(second.tokens[0], first.tokens[0])
+    np.testing.assert_array_equal(second.tokens[1:], first.tokens[1:])
+
+
 def test_other_view_rebuilds(backbone, dataset, tmp_path, counter):
     plain = build(backbone, dataset, tmp_path / "cache")
 
