@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from .classes import DEFAULT_PROMPT_TEMPLATE
@@ -69,6 +68,7 @@ class RunConfig:
     balanced: bool = False
     augment: str = "none"
     logit_adjustment: float = 0.0
+    prior_bias: bool = False
 
     # Execution.
     seed: int = 0
@@ -111,10 +111,8 @@ class RunConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            problems.append(
-                f"warmup_epochs must be in 0..epochs ({self.epochs}), got {self.warmup_epochs}"
-            )
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be at least 0, got {self.warmup_epochs}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if problems:

@@ -27,11 +27,21 @@ from torch.utils.data import DataLoader
 
 from .classes import PREDICATE_CLASSES
 from .config import RunConfig
-from .distributed import DistributedContext, init_distributed, shard_indices, unshard_rows
+from .distributed import (
+    DistributedContext,
+    init_distributed,
+    shard_indices,
+    unshard_rows,
+)
 from .errors import ConfigError
 from .experiment import EXECUTION_FIELDS, Experiment, default_run_dir, prepare
 from .features import CachedFeatureDataset, ImageBatchDataset, collate_batch
-from .fileio import atomic_torch_save, atomic_write, atomic_write_json, atomic_write_text
+from .fileio import (
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
 from .losses import build_loss
 from .metrics import evaluate_scores, top_k
 from .sampler import BalancedBatchSampler, ShuffledBatchSampler
@@ -75,6 +85,27 @@ def build_optimizer(config: RunConfig, parameters: Iterable[torch.nn.Parameter])
         weight_decay=config.weight_decay,
         amsgrad=config.amsgrad,
     )
+
+
+def init_bias_from_prior(model: torch.nn.Module, train_targets: np.ndarray) -> None:
+    """Set the biases of the model's output layer to the log-odds of each class's train frequency.
+
+    The output layer is the last nn.Linear with one output per class. With
+    these biases the untrained model predicts the frequency prior, so BCE
+    does not spend its first epochs learning the class frequencies and the
+    gradient reaches the features at once. Frequencies are clipped to
+    [1e-4, 1 - 1e-4], so a class without train examples gets a finite bias.
+    """
+    num_classes = train_targets.shape[1]
+    outputs = [module for module in model.modules() if isinstance(module, torch.nn.Linear) and module.out_features == num_classes]
+    if not outputs or outputs[-1].bias is None:
+        raise ConfigError(
+            f"prior_bias needs an output nn.Linear with {num_classes} outputs and a bias, "
+            f"and {type(model).__name__} has none; set prior_bias to false"
+        )
+    frequency = np.clip(train_targets.mean(axis=0), 1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        outputs[-1].bias.copy_(torch.from_numpy(np.log(frequency / (1 - frequency))))
 
 
 def build_sampler(config: RunConfig, targets: np.ndarray, context: DistributedContext):
@@ -311,7 +342,10 @@ def _train_loop(experiment: Experiment, run: RunFolder, context: DistributedCont
     shape = experiment.module_shape()
 
     seed_everything(config.seed)
-    model = experiment.build_module(**shape).to(experiment.device)
+    model = experiment.build_module(**shape)
+    if config.prior_bias:
+        init_bias_from_prior(model, train_targets)
+    model = model.to(experiment.device)
     trained_model = model
     if context.enabled:
         device_ids = [experiment.device.index] if experiment.device.type == "cuda" else None
@@ -321,7 +355,9 @@ def _train_loop(experiment: Experiment, run: RunFolder, context: DistributedCont
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    # A profile's warmup may be longer than a short run asked for on top of
+    # it (`--epochs 1` with the demo profile): then the whole run warms up.
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
     )

@@ -72,3 +72,14 @@ def test_invalid_value_is_named(setting, value):
 def test_config_round_trips_through_dict():
     config = resolve_config("demo", {"loss_options": {"gamma": 1.0}})
     assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_warmup_longer_than_run_is_accepted():
+    # A run shorter than its profile's warmup warms up throughout; train caps the warmup steps.
+    config = resolve_config("demo", {"epochs": 1, "warmup_epochs": 3})
+    assert (config.epochs, config.warmup_epochs) == (1, 3)
+
+
+def test_negative_warmup_is_rejected():
+    with pytest.raises(ConfigError, match="warmup_epochs must be at least 0, got -1"):
+        resolve_config("demo", {"warmup_epochs": -1})

@@ -175,3 +175,37 @@ def test_logit_adjustment_changes_scores(small_demo, tmp_path):
     assert not np.array_equal(
         np.load(plain.run_dir / "val_scores.npy"), np.load(adjusted.run_dir / "val_scores.npy")
     )
+
+
+@pytest.mark.parametrize("model", ["matchclip", "linear_probe"])
+def test_prior_bias_starts_at_class_frequencies(model):
+    import torch
+
+    from matchclip.experiment import build_trained_module
+
+    targets = np.zeros((8, 56), dtype=np.float32)
+    targets[:6, 6] = 1  # frequency 0.75
+    targets[:2, 7] = 1  # frequency 0.25
+    config = resolve_config("demo", {"model": model})
+    module = build_trained_module(config, image_width=16, text_width=16)
+
+    train_module.init_bias_from_prior(module, targets)
+
+    last = [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear)][-1]
+    probabilities = torch.sigmoid(last.bias.detach()).numpy()
+    np.testing.assert_allclose(probabilities[[6, 7]], [0.75, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(probabilities[8], 1e-4, rtol=1e-3)  # absent class: clipped, finite
+
+
+def test_prior_bias_needs_an_output_layer():
+    import torch
+
+    with pytest.raises(ConfigError, match="prior_bias needs an output nn.Linear with 56 outputs"):
+        train_module.init_bias_from_prior(torch.nn.Linear(4, 3), np.zeros((2, 56), dtype=np.float32))
+
+
+def test_run_shorter_than_warmup_trains(small_demo, tmp_path):
+    train(small_config(small_demo, tmp_path / "run", epochs=1, warmup_epochs=3))
+    learning_rates = pd.read_csv(tmp_path / "run" / "metrics.csv")["lr"]
+    # The whole run is warmup: the learning rate is still rising at its end.
+    assert 0 < learning_rates.iloc[-1] <= resolve_config("demo").lr
