@@ -9,7 +9,12 @@ import pytest
 import torch
 import torchvision
 
-from matchclip.baselines import LinearProbe, build_resnet, imagenet_weights_path, zero_shot_scores
+from matchclip.baselines import (
+    LinearProbe,
+    build_resnet,
+    imagenet_weights_path,
+    zero_shot_scores,
+)
 from matchclip.errors import MatchclipError
 
 

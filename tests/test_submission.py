@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from matchclip.errors import SubmissionError
-from matchclip.submission import parse_submission_text, read_submission, write_submission
+from matchclip.submission import (
+    parse_submission_text,
+    read_submission,
+    write_submission,
+)
 
 
 def _valid_lines(count: int) -> list[str]:
