@@ -3,7 +3,7 @@
 Usage, from the project folder, with nothing but Python installed:
 
     python -m matchclip.bootstrap run    # every notebook on the default data, rewrites reports/
-    python -m matchclip.bootstrap test   # the test suite; notebooks run under pytest --nbval-lax
+    python -m matchclip.bootstrap test   # the test suite; notebooks run under pytest --nbval
 
 The environment is .venv/ in the project folder. It is created on first use
 and reinstalled only when pyproject.toml changes. This module uses the
@@ -25,7 +25,7 @@ STAMP = VENV / ".matchclip-installed"
 
 COMMANDS = {
     "run": ["-m", "matchclip.notebooks", "run"],
-    "test": ["-m", "pytest", "--nbval-lax", "tests", "notebooks"],
+    "test": ["-m", "pytest", "--nbval", "tests", "notebooks"],
 }
 
 
