@@ -132,9 +132,10 @@ def utc_now() -> str:
 
 
 def git_commit(root: str | os.PathLike | None = None) -> str:
-    """Short commit hash of the project checkout, "+dirty" when files differ from it.
+    """Short commit hash of the project checkout, "+dirty" when tracked files outside reports/ differ from it.
 
-    Returns "uncommitted" in a repository without commits and "unknown" when
+    reports/ is left out because every run rewrites it, so a rerun of a clean
+    checkout still names a clean commit. Returns "uncommitted" in a repository without commits and "unknown" when
     git or the repository is not available.
     """
     root = Path(root) if root is not None else paths.project_root()
@@ -150,7 +151,7 @@ def git_commit(root: str | os.PathLike | None = None) -> str:
             )
             return "uncommitted" if inside.returncode == 0 else "unknown"
         status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"],
             capture_output=True, text=True, timeout=30, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):

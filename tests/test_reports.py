@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import matplotlib
 
@@ -145,3 +146,24 @@ def test_readme_skips_broken_sidecar(tmp_path, frame, demo_config):
 
 def test_readme_empty_folder(tmp_path):
     assert "No tables or figures yet" in reports.write_readme(tmp_path).read_text()
+
+
+def test_git_commit_ignores_rewritten_reports(tmp_path):
+    def git(*arguments):
+        subprocess.run(["git", "-C", str(tmp_path), *arguments], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "test@example.com")
+    git("config", "user.name", "test")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "table.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    clean = reports.git_commit(tmp_path)
+
+    (tmp_path / "reports" / "table.md").write_text("new\n")
+    assert reports.git_commit(tmp_path) == clean
+
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert reports.git_commit(tmp_path) == clean + "+dirty"
