@@ -46,6 +46,9 @@ PUBLISHED_VARIANTS: dict[str, dict[str, Any]] = {
     "large": {"preset": "large"},
     "huge": {"preset": "huge"},
 }
+# The scaled variants are the report's widths (Base 512, Large 1024, Huge
+# 1600) divided by SCALED_WIDTH_DIVISOR; the demo preset's head is 64 wide.
+SCALED_WIDTH_DIVISOR = 16
 SCALED_VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"hidden": 32, "mlp": 64},
     "large": {},
@@ -95,6 +98,22 @@ def variant_overrides(profile: str, variant: str, *, hidden: int | None = None) 
     if hidden is not None:
         settings["hidden"] = int(hidden)
     return settings
+
+
+def profile_width(profile: str, report_width: int) -> int:
+    """Head width that `profile` trains for a width in the report's units (512, 1024, 1600, ...).
+
+    Profiles on the report's presets train the width as given. Scaled
+    profiles divide it by SCALED_WIDTH_DIVISOR, so `hidden=1600` on the demo
+    profile trains the demo analogue of the report's D=1600 (100), which a CPU
+    can train, where D=1600 itself would take hours per row.
+    """
+    report_width = int(report_width)
+    if report_width < 1:
+        raise ValueError(f"head width must be a positive number of channels, got {report_width}")
+    if variant_family(profile) != "scaled":
+        return report_width
+    return max(1, round(report_width / SCALED_WIDTH_DIVISOR))
 
 
 def default_widths(profile: str) -> tuple[int, int]:

@@ -249,3 +249,16 @@ def test_run_rows_reuses_identical_runs(tmp_path, monkeypatch):
     assert results["probe"].run_dir == results["probe-again"].run_dir
     assert results["probe"].run_dir.parent == tmp_path / "runs"
     assert 0.0 <= results["probe"].score <= 100.0
+
+
+def test_profile_width_scales_report_units():
+    assert grid.profile_width("paper", 1600) == 1600
+    assert grid.profile_width("demo", 1600) == 100
+    assert grid.profile_width("demo", 1024) == resolve_config("demo").hidden
+    assert grid.profile_width("demo", 512) == grid.SCALED_VARIANTS["base"]["hidden"]
+    assert grid.profile_width("demo", 1600) == grid.SCALED_VARIANTS["huge"]["hidden"]
+
+
+def test_profile_width_rejects_nonpositive():
+    with pytest.raises(ValueError, match="head width must be a positive number of channels, got 0"):
+        grid.profile_width("demo", 0)
