@@ -41,6 +41,7 @@ SETTING_HELP = {
     "matching_blocks": "matching blocks between the two stacks",
     "cls_tokens": "learnable cls tokens (their outputs are averaged)",
     "dropout": "dropout probability in the head",
+    "attention_dropout": "dropout probability of the attention weights (0 keeps the fused attention kernel on a CPU)",
     "relation_tokens": "use relation (prompt) tokens; false is the no-text-encoder ablation",
     "resnet_arch": "torchvision ResNet for --model resnet (resnet18, resnet34, resnet50)",
     "resnet_weights": "ResNet weights: imagenet, a state-dict file, or 'none'",

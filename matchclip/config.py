@@ -48,6 +48,7 @@ class RunConfig:
     matching_blocks: int = 1
     cls_tokens: int = 1
     dropout: float = 0.1
+    attention_dropout: float = 0.0
     relation_tokens: bool = True
     resnet_arch: str = "resnet50"
     resnet_weights: str | None = "imagenet"
@@ -113,8 +114,9 @@ class RunConfig:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.warmup_epochs < 0:
             problems.append(f"warmup_epochs must be at least 0, got {self.warmup_epochs}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if problems:
             raise ConfigError(f"invalid {source}: " + "; ".join(problems))
 

@@ -211,6 +211,7 @@ def build_trained_module(
             matching_blocks=config.matching_blocks,
             cls_tokens=config.cls_tokens,
             dropout=config.dropout,
+            attention_dropout=config.attention_dropout,
             relation_tokens=config.relation_tokens,
         )
     if config.model == "linear_probe":

@@ -51,6 +51,7 @@ HEAD_DEFAULTS: dict[str, Any] = {
     "matching_blocks": 1,
     "cls_tokens": 1,
     "dropout": 0.1,
+    "attention_dropout": 0.0,
     "relation_tokens": True,
     "fused_attention": True,
 }
@@ -82,16 +83,19 @@ class SelfAttention(nn.Module):
     `torch.nn.functional.scaled_dot_product_attention`; with `fused=False` it
     runs as an explicit matmul and softmax. Both paths use the same parameters
     and compute the same function, so a model can switch between them.
+    `attention_dropout` drops attention weights; `dropout` acts on the output
+    projection.
     """
 
-    def __init__(self, *, dim: int, heads: int, dropout: float, fused: bool) -> None:
+    def __init__(self, *, dim: int, heads: int, dropout: float, attention_dropout: float, fused: bool) -> None:
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
-        self.dropout = dropout
+        self.attention_dropout = attention_dropout
         self.fused = fused
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map [B, N, D] tokens to [B, N, D]."""
@@ -100,7 +104,7 @@ class SelfAttention(nn.Module):
         # [B, N, 3D] -> [3, B, heads, N, D / heads]
         qkv = self.qkv(x).reshape(batch, length, 3, self.heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.attention_dropout if self.training else 0.0
 
         if self.fused:
             out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
@@ -111,7 +115,7 @@ class SelfAttention(nn.Module):
 
         # [B, heads, N, D / heads] -> [B, N, D]
         out = out.transpose(1, 2).reshape(batch, length, dim)
-        return self.proj(out)
+        return self.proj_dropout(self.proj(out))
 
 
 class FeedForward(nn.Sequential):
@@ -130,10 +134,14 @@ class FeedForward(nn.Sequential):
 class TransformerLayer(nn.Module):
     """Pre-norm transformer layer: x + Attn(LN(x)), then x + MLP(LN(x)); [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, *, dim: int, mlp: int, heads: int, dropout: float, fused: bool) -> None:
+    def __init__(
+        self, *, dim: int, mlp: int, heads: int, dropout: float, attention_dropout: float, fused: bool
+    ) -> None:
         super().__init__()
         self.norm_attention = nn.LayerNorm(dim)
-        self.attention = SelfAttention(dim=dim, heads=heads, dropout=dropout, fused=fused)
+        self.attention = SelfAttention(
+            dim=dim, heads=heads, dropout=dropout, attention_dropout=attention_dropout, fused=fused
+        )
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim=dim, mlp=mlp, dropout=dropout)
 
@@ -185,6 +193,12 @@ class MatchCLIP(nn.Module):
     With `relation_tokens=False` (the "no text encoder" ablation) the fusion
     stack runs over the image tokens alone and there is no matching block.
     The readout stack and the classifier are unchanged.
+
+    `dropout` acts on the output of every attention projection, MLP and
+    matching block and inside the classifier. `attention_dropout` drops
+    attention weights and is 0 by default, because any attention dropout
+    sends training on a CPU to PyTorch's unfused math kernel, which also
+    draws a random mask of [B, heads, N, N].
     """
 
     def __init__(
@@ -201,6 +215,7 @@ class MatchCLIP(nn.Module):
         matching_blocks: int = 1,
         cls_tokens: int = 1,
         dropout: float = 0.1,
+        attention_dropout: float = 0.0,
         relation_tokens: bool = True,
         fused_attention: bool = True,
     ) -> None:
@@ -217,6 +232,7 @@ class MatchCLIP(nn.Module):
             "matching_blocks": matching_blocks,
             "cls_tokens": cls_tokens,
             "dropout": dropout,
+            "attention_dropout": attention_dropout,
             "relation_tokens": relation_tokens,
             "fused_attention": fused_attention,
         }
@@ -227,7 +243,14 @@ class MatchCLIP(nn.Module):
         self.num_classes = num_classes
         self.relation_tokens = relation_tokens
 
-        layer_options = {"dim": hidden, "mlp": mlp, "heads": heads, "dropout": dropout, "fused": fused_attention}
+        layer_options = {
+            "dim": hidden,
+            "mlp": mlp,
+            "heads": heads,
+            "dropout": dropout,
+            "attention_dropout": attention_dropout,
+            "fused": fused_attention,
+        }
 
         self.image_projection = nn.Linear(image_width, hidden)
         self.image_type_embedding = nn.Parameter(torch.zeros(1, 1, hidden))
@@ -374,10 +397,12 @@ def validate_head_settings(settings: dict[str, Any], *, source: str) -> None:
         if name in settings and not isinstance(settings[name], bool):
             raise ConfigError(f"{source}: {name}={settings[name]!r} is invalid; set {name} to true or false")
 
-    if "dropout" in settings:
-        dropout = settings["dropout"]
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"{source}: dropout={dropout!r} is invalid; set dropout to a number in [0, 1)")
+    for name in ("dropout", "attention_dropout"):
+        if name not in settings:
+            continue
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{source}: {name}={value!r} is invalid; set {name} to a number in [0, 1)")
 
     hidden = settings.get("hidden", HEAD_DEFAULTS["hidden"])
     heads = settings.get("heads", HEAD_DEFAULTS["heads"])

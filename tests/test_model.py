@@ -521,3 +521,27 @@ def test_regression_logits(case):
     # still fails when the relation inputs alone are scaled by 1.01, which
     # moves them by about 4e-6.
     torch.testing.assert_close(logits, torch.tensor(stored["logits"]), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_dropout_alone_is_active():
+    model = reduced_model(dropout=0.0, attention_dropout=0.5).train()
+    image_tokens, relations = random_inputs()
+
+    assert not torch.allclose(model(image_tokens, relations), model(image_tokens, relations))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_output_dropout_without_weight_dropout(fused):
+    # Dropout acts on the attention projection even when no attention weight is dropped.
+    layer = MatchCLIP(
+        image_width=IMAGE_WIDTH, text_width=TEXT_WIDTH, **REDUCED_WIDTH, dropout=0.5, fused_attention=fused
+    ).fusion[0].attention.train()
+    tokens = torch.randn(BATCH, IMAGE_TOKENS, REDUCED_WIDTH["hidden"])
+
+    assert layer.attention_dropout == 0.0
+    assert not torch.allclose(layer(tokens), layer(tokens))
+
+
+def test_attention_dropout_out_of_range_rejected():
+    with pytest.raises(ConfigError, match=r"attention_dropout=1\.0 is invalid; set attention_dropout to a number in \[0, 1\)"):
+        reduced_model(attention_dropout=1.0)
