@@ -73,7 +73,7 @@ class Settings:
     repeats: int = 3
     # Rounds of the cheap comparisons on the tiny backbone: more rounds steady
     # their medians against the noise of a shared machine.
-    tiny_repeats: int = 7
+    tiny_repeats: int = 5
     cache_batch: int = 8
     cache_steps: int = 2
     tiny_batch: int = 32
@@ -83,7 +83,7 @@ class Settings:
     tiny_extraction_images: int = 256
     tiny_extraction_batch: int = 64
     memory_cache_bytes: float = 4.5e9
-    memory_steps: int = 200
+    memory_steps: int = 40
     memory_batch: int = 16
     memory_small_fraction: float = 1 / 16
     memory_mapped_reader: bool = True
@@ -101,7 +101,7 @@ class Settings:
             tiny_steps=5,
             extraction_images=8,
             tiny_extraction_images=128,
-            memory_steps=60,
+            memory_steps=20,
             memory_mapped_reader=False,
             growth_rows=256,
             growth_images=32,
@@ -856,8 +856,8 @@ def bench_memory(workspace: Workspace) -> Section:
         "16th row, with valid shard checksums.",
         "Each training run is a separate process: open_cache with checksum verification, "
         "CachedFeatureDataset, a shuffled batch sampler and DataLoader (train.make_loader), the demo head "
-        "with the cache's input widths, AdamW (AMSGrad) and BCE. Peak RSS is the child's ru_maxrss "
-        "from os.wait4, which counts file pages mapped into the process as well as its own memory.",
+        "with the cache's input widths, AdamW (AMSGrad) and BCE. Peak RSS is the child's VmHWM "
+        "(/proc/self/status), which counts file pages mapped into the process as well as its own memory.",
         "reader pread: CachedFeatureDataset and the checksum verification copy rows with os.preadv "
         "(matchclip.cache.read_rows), so the page cache holds the file and the process holds one batch. "
         "reader memmap: rows indexed through the np.memmap, the way the cache was read before; every "
@@ -875,29 +875,32 @@ def _preset_backbone(preset: str) -> str:
 def run_memory_child(cache_root: Path, *, steps: int, batch: int, reader: str = "pread", timeout: float = 900) -> dict:
     """Train the demo head for `steps` steps from the cache in a child process; return its peak RSS.
 
-    Returns {"peak_rss": bytes (the child's ru_maxrss), "seconds": wall time,
-    "steps": steps run}.
+    Returns {"peak_rss": bytes, "seconds": wall time, "steps": steps run}.
+    The peak is the child's own VmHWM from /proc/self/status. The child's
+    ru_maxrss would not do: Linux carries the high-water mark of the address
+    space that exec replaces into ru_maxrss, so it starts at the RSS of this
+    larger parent process.
     """
     arguments = json.dumps({"cache_root": str(cache_root), "steps": steps, "batch": batch, "reader": reader})
     command = [sys.executable, "-c", f"from matchclip.benchmark import memory_child; memory_child({arguments!r})"]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # os.wait4 returns the resource usage of exactly this child, ru_maxrss in kilobytes on Linux.
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            process.kill()
-            raise TimeoutError(f"memory benchmark child did not finish within {timeout:.0f} s")
-        time.sleep(0.05)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    output, errors = process.communicate()
-    if process.returncode != 0:
-        raise RuntimeError(f"memory benchmark child failed with exit code {process.returncode}:\n{errors.decode()[-3000:]}")
-    report = json.loads(output.decode().strip().splitlines()[-1])
-    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - started, "steps": report["steps"]}
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise TimeoutError(f"memory benchmark child did not finish within {timeout:.0f} s") from error
+    if result.returncode != 0:
+        raise RuntimeError(f"memory benchmark child failed with exit code {result.returncode}:\n{result.stderr[-3000:]}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"peak_rss": report["peak_rss"], "seconds": time.perf_counter() - started, "steps": report["steps"]}
+
+
+def peak_rss_of_this_process() -> int:
+    """Peak resident set size of this process's address space in bytes (VmHWM; Linux only)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line; the memory benchmark needs Linux")
 
 
 def memory_child(arguments: str) -> None:
@@ -930,7 +933,7 @@ def memory_child(arguments: str) -> None:
     for batch in loader:
         trainer.step(batch["image_tokens"], batch["targets"])
         steps += 1
-    print(json.dumps({"steps": steps}))
+    print(json.dumps({"steps": steps, "peak_rss": peak_rss_of_this_process()}))
 
 
 def bench_growth(workspace: Workspace) -> Section:
