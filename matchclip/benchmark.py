@@ -671,14 +671,14 @@ def bench_head(workspace: Workspace) -> Section:
         f"Base head (preset {BASE_PRESET}) on {BASE_BACKBONE} token shapes: batch {batch} of "
         f"{geometry.num_tokens} tokens of width {geometry.image_width}, 56 relation embeddings of width "
         f"{geometry.text_width}; one training step = forward, BCE, backward and an AdamW (AMSGrad) step, "
-        "dropout 0.1 active.",
+        "dropout 0.1 active on the attention, MLP and matching outputs, none on the attention weights.",
         "matmul FLOP/s is the best of the timed torch.matmul calls of two 2048x2048 float32 matrices, "
         "interleaved with the head steps; it is the practical limit of this machine for float32 "
         "matrix products.",
         "Both attention variants compute the same function with the same parameters (tested in "
-        "tests/test_model.py). On a CPU in training mode with dropout, PyTorch's "
-        "scaled_dot_product_attention falls back to its math kernel, so the two paths cost about the "
-        "same there; the fused kernels (flash, memory-efficient) pay off on a GPU.",
+        "tests/test_model.py). Without dropout on the attention weights, scaled_dot_product_attention "
+        "may use its fused CPU kernel. At these shapes the attention products are a small part of a "
+        "step, so the two paths cost about the same on a CPU.",
     ]
     return section
 
