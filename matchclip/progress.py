@@ -11,7 +11,7 @@ _TRUE_WORDS = ("1", "true", "yes", "on")
 
 
 def bars_disabled_by_environment() -> bool:
-    """True when the TQDM_DISABLE environment variable asks for no progress bars."""
+    """Return True when the TQDM_DISABLE environment variable is set to a true value (1, true, yes, on)."""
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in _TRUE_WORDS
 
 
@@ -19,8 +19,8 @@ def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any) 
     """Return a tqdm bar, disabled when `enabled` is false or TQDM_DISABLE is set.
 
     tqdm reads TQDM_DISABLE only once, at import, and an explicit `disable`
-    argument overrides it; this reads the variable on every call instead, so a
-    notebook or a test can switch bars off after tqdm was imported.
+    argument overrides it. This function reads the variable on every call, so
+    a notebook or a test can switch bars off after tqdm was imported.
     """
     options["disable"] = not enabled or bars_disabled_by_environment()
     return tqdm(iterable, **options)

@@ -355,8 +355,8 @@ def _train_loop(experiment: Experiment, run: RunFolder, context: DistributedCont
     optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     steps_per_epoch = len(sampler)
     total_steps = steps_per_epoch * config.epochs
-    # A profile's warmup may be longer than a short run asked for on top of
-    # it (`--epochs 1` with the demo profile): then the whole run warms up.
+    # A profile's warmup may be longer than a short run requested on top of
+    # it (`--epochs 1 --warmup-epochs 2`). Then the whole run warms up.
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup_steps, total_steps=total_steps)
