@@ -76,6 +76,50 @@ _MIN_INT_SETTING = {
 _BOOL_SETTINGS = ("relation_tokens", "fused_attention")
 
 
+# A CPU dropout mask draws one 16-bit integer per element.
+_MASK_LEVELS = 1 << 16
+
+
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, *, dtype: torch.dtype) -> Tensor:
+    """Random CPU mask of `shape` for inverted dropout: 0 with probability ~p, else 1 / (1 - p).
+
+    p is rounded to a multiple of 1/65536 and the scale uses the rounded
+    value, so the mask's mean is exactly 1 in expectation. The mask is built
+    from 64-bit random words from torch's default generator, each cut into
+    four 16-bit draws; that costs about 2.5x less than one Bernoulli draw per
+    element, which torch.nn.functional.dropout makes on a CPU.
+    """
+    dropped = round(p * _MASK_LEVELS)
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+    draws = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
+    keep = draws >= dropped - _MASK_LEVELS // 2
+    return keep.to(dtype).mul_(_MASK_LEVELS / (_MASK_LEVELS - dropped))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout with probability `p` in [0, 1); the identity in eval mode or for p = 0.
+
+    On a CPU it multiplies by `dropout_mask`, which makes a training step of
+    the Base head about 5% faster than nn.Dropout. On other devices it calls
+    torch.nn.functional.dropout, whose fused kernels are already fast.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * dropout_mask(x.shape, self.p, dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over [B, N, D] tokens.
 
@@ -95,7 +139,7 @@ class SelfAttention(nn.Module):
         self.fused = fused
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_dropout = nn.Dropout(dropout)
+        self.proj_dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map [B, N, D] tokens to [B, N, D]."""
@@ -125,9 +169,9 @@ class FeedForward(nn.Sequential):
         super().__init__(
             nn.Linear(dim, mlp),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(mlp, dim),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
 
@@ -167,7 +211,7 @@ class MatchingBlock(nn.Module):
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_dropout = nn.Dropout(dropout)
+        self.proj_dropout = Dropout(dropout)
 
     def forward(self, image: Tensor, relation: Tensor) -> tuple[Tensor, Tensor]:
         """Match image tokens [B, T, D] to relation tokens [B, C, D].
@@ -270,7 +314,7 @@ class MatchCLIP(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(hidden, hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
 

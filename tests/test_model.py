@@ -12,9 +12,11 @@ import torch
 from matchclip.errors import ConfigError
 from matchclip.model import (
     PRESET_NAMES,
+    Dropout,
     MatchCLIP,
     build_model,
     count_parameters,
+    dropout_mask,
     load_preset,
 )
 
@@ -248,6 +250,55 @@ def test_train_dropout_is_active():
     image_tokens, relations = random_inputs()
 
     assert not torch.allclose(model(image_tokens, relations), model(image_tokens, relations))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_mask_rate_and_scale(p):
+    torch.manual_seed(0)
+    mask = dropout_mask((1000, 1000), p, dtype=torch.float32)
+
+    kept = mask[mask != 0]
+    # One million draws: the dropped share is within 5 standard deviations of p.
+    assert abs(float((mask == 0).float().mean()) - p) < 5 * (p * (1 - p) / 1e6) ** 0.5
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4, atol=0)
+    assert abs(float(mask.mean()) - 1.0) < 0.01
+
+
+def test_dropout_mask_has_no_pattern():
+    torch.manual_seed(0)
+    mask = dropout_mask((4, 1001), 0.5, dtype=torch.float32) == 0
+
+    # Neighbouring draws come from one 64-bit word, so check that they are not tied.
+    agree = (mask[:, 1:] == mask[:, :-1]).float().mean()
+    assert abs(float(agree) - 0.5) < 0.05
+    assert not torch.equal(mask[0], mask[1])
+
+
+def test_dropout_mask_follows_the_seed_and_dtype():
+    torch.manual_seed(3)
+    first = dropout_mask((7, 9), 0.2, dtype=torch.float64)
+    torch.manual_seed(3)
+    second = dropout_mask((7, 9), 0.2, dtype=torch.float64)
+
+    assert first.dtype == torch.float64 and first.shape == (7, 9)
+    assert torch.equal(first, second)
+
+
+def test_dropout_module_train_eval_and_gradient():
+    layer = Dropout(0.25)
+    x = torch.randn(64, 33, requires_grad=True)
+
+    assert layer.eval()(x) is x
+    assert Dropout(0.0).train()(x) is x
+
+    torch.manual_seed(0)
+    out = layer.train()(x)
+    out.sum().backward()
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    # The gradient is the mask itself: 1 / (1 - p) where kept, 0 where dropped.
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert "p=0.25" in repr(layer)
 
 
 def test_train_without_dropout_matches_eval():
