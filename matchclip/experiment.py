@@ -28,6 +28,12 @@ logger = logging.getLogger(__name__)
 # left out of the run's identity so the same run can be resumed elsewhere.
 EXECUTION_FIELDS = ("out", "device", "workers", "eval_batch_size", "profile", "cache_dir", "labels", "images")
 
+# Revision of what the training code computes for given settings, part of
+# every run's identity. Raise it when a change alters a run's numbers, so
+# that runs trained by earlier code are retrained instead of reused.
+# 2: fused AdamW and the CPU dropout mask of model.Dropout.
+TRAINING_REVISION = 2
+
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
@@ -85,6 +91,7 @@ def run_identity(config: RunConfig, labels_sha256: str, images: str = "") -> str
     """
     settings = {k: v for k, v in config.to_dict().items() if k not in EXECUTION_FIELDS}
     settings["labels_sha256"] = labels_sha256
+    settings["training_revision"] = TRAINING_REVISION
     if images:
         settings["images"] = images
     text = json.dumps(settings, sort_keys=True, default=str)

@@ -209,3 +209,54 @@ def test_run_shorter_than_warmup_trains(small_demo, tmp_path):
     learning_rates = pd.read_csv(tmp_path / "run" / "metrics.csv")["lr"]
     # The whole run is warmup: the learning rate is still rising at its end.
     assert 0 < learning_rates.iloc[-1] <= resolve_config("demo").lr
+
+
+def test_adamw_uses_the_fused_kernel_with_the_same_update():
+    import torch
+
+    from matchclip.config import RunConfig
+    from matchclip.train import build_optimizer
+
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    plain_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    plain_model.load_state_dict(fused_model.state_dict())
+    config = RunConfig(lr=1e-2)
+    fused = build_optimizer(config, fused_model.parameters())
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=5e-4, amsgrad=True, foreach=True)
+
+    inputs, targets = torch.randn(64, 16), torch.randn(64, 4)
+    for _ in range(20):
+        for model, optimizer in ((fused_model, fused), (plain_model, plain)):
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+
+    assert fused.param_groups[0]["fused"] is True
+    assert fused.param_groups[0]["amsgrad"] is True
+    for fused_parameter, plain_parameter in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(fused_parameter, plain_parameter, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_keeps_its_own_update():
+    import torch
+
+    from matchclip.config import RunConfig
+    from matchclip.train import build_optimizer
+
+    optimizer = build_optimizer(RunConfig(optimizer="sgd", lr=0.1), [torch.nn.Parameter(torch.zeros(3))])
+
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert not optimizer.param_groups[0].get("fused")
+
+
+def test_training_revision_is_part_of_the_run_identity(monkeypatch):
+    import matchclip.experiment as experiment
+    from matchclip.config import RunConfig
+
+    config = RunConfig()
+    current = experiment.run_identity(config, "0" * 64)
+    monkeypatch.setattr(experiment, "TRAINING_REVISION", experiment.TRAINING_REVISION + 1)
+
+    assert experiment.run_identity(config, "0" * 64) != current
