@@ -688,8 +688,9 @@ def bench_head(workspace: Workspace) -> Section:
     section.notes = [
         f"Base head (preset {BASE_PRESET}) on {BASE_BACKBONE} token shapes: batch {batch} of "
         f"{geometry.num_tokens} tokens of width {geometry.image_width}, 56 relation embeddings of width "
-        f"{geometry.text_width}; one training step = forward, BCE, backward and an AdamW (AMSGrad) step, "
-        "dropout 0.1 active on the attention, MLP and matching outputs, none on the attention weights.",
+        f"{geometry.text_width}; one training step = forward, BCE, backward and a fused AdamW (AMSGrad) step, "
+        "dropout 0.1 (model.Dropout) active on the attention, MLP and matching outputs, none on the "
+        "attention weights.",
         "matmul FLOP/s is the best of the timed torch.matmul calls of two 2048x2048 float32 matrices, "
         "interleaved with the head steps; it is the practical limit of this machine for float32 "
         "matrix products.",

@@ -27,7 +27,7 @@ the cell carry the variation. Val mean recall@3 over classes 6..55, with
 1,000 train and 200 val images (train frequency prior: 0.06):
 
 - the demo profile (12 epochs, lr 2e-3, no dropout, output biases at the
-  class prior): 0.32 to 0.38 over two training loops;
+  class prior): 0.30 to 0.38 over three revisions of the training code;
 - the same without the prior biases (20 epochs): 0.06;
 - dropout 0.1, no prior biases, lr 3e-3, 30 epochs: 0.27; adding a lone
   distractor object to half of the empty cells: 0.07; drawing with 3 px

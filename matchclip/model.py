@@ -84,10 +84,10 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, *, dtype: torch.
     """Random CPU mask of `shape` for inverted dropout: 0 with probability ~p, else 1 / (1 - p).
 
     p is rounded to a multiple of 1/65536 and the scale uses the rounded
-    value, so the mask's mean is exactly 1 in expectation. The mask is built
-    from 64-bit random words from torch's default generator, each cut into
-    four 16-bit draws; that costs about 2.5x less than one Bernoulli draw per
-    element, which torch.nn.functional.dropout makes on a CPU.
+    value, so the mask's mean is exactly 1 in expectation. The draws are
+    64-bit random words from torch's default generator, each cut into four
+    16-bit draws. On a CPU, torch.nn.functional.dropout makes one Bernoulli
+    draw per element, which costs about 2.5x more.
     """
     dropped = round(p * _MASK_LEVELS)
     numel = math.prod(shape)

@@ -280,7 +280,8 @@ def test_dropout_mask_follows_the_seed_and_dtype():
     torch.manual_seed(3)
     second = dropout_mask((7, 9), 0.2, dtype=torch.float64)
 
-    assert first.dtype == torch.float64 and first.shape == (7, 9)
+    assert first.dtype == torch.float64
+    assert first.shape == (7, 9)
     assert torch.equal(first, second)
 
 

@@ -211,7 +211,7 @@ def test_run_shorter_than_warmup_trains(small_demo, tmp_path):
     assert 0 < learning_rates.iloc[-1] <= resolve_config("demo").lr
 
 
-def test_adamw_uses_the_fused_kernel_with_the_same_update():
+def test_fused_adamw_matches_foreach():
     import torch
 
     from matchclip.config import RunConfig
