@@ -538,7 +538,7 @@ def bench_cache(workspace: Workspace) -> Section:
     section.notes = [
         "Cache path: a FeatureCache built by build_cache from synthetic JPEGs, read through "
         "CachedFeatureDataset and a DataLoader with a batch sampler, as in training. Each step reads "
-        "one batch of tokens and takes one AdamW (AMSGrad) step of the head on the BCE loss.",
+        "one batch of tokens and takes one fused AdamW (AMSGrad) step of the head on the BCE loss.",
         "Re-encoding path: the same head, batch and step, with the backbone encoding the batch's "
         "images every step. The images are already decoded and preprocessed in memory, so this path "
         "is charged for the encoder alone and the comparison isolates encoding against cache reading.",
@@ -552,6 +552,9 @@ def bench_cache(workspace: Workspace) -> Section:
         "head step reaches fewer FLOP/s than the backbone's forward pass (compare the two GFLOP/s "
         "columns): a training step adds the backward pass, the optimizer and memory-bound operations "
         "(dropout, layer norm, softmax), while the frozen backbone runs PyTorch's inference fast path.",
+        "Backbone GFLOP/s = backbone FLOPs / (re-encoding step - in-memory step). When the backbone is a "
+        "small part of the step, as for the tiny backbone under the Base head, that difference is within "
+        "the timing noise and the figure means little.",
         "Rows: the Base head on the ViT-B/16-sized backbone and on the tiny backbone, then the demo's "
         "own pairing of the tiny backbone with the 64-wide demo head at the demo's batch size. Two thirds "
         "of the tiny backbone's FLOPs are its patch embedding, one product over 3,072 input values per "
