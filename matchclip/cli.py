@@ -60,6 +60,7 @@ SETTING_HELP = {
     "prior_bias": "start the output biases at the log-odds of the train class frequencies, so training starts from the frequency prior",
     "seed": "seed of Python, NumPy, torch and the sampler",
     "device": "auto, cpu, cuda or cuda:N",
+    "threads": "torch CPU threads while training; 0 keeps torch's default (the count changes the last bits of the results)",
     "workers": "DataLoader worker processes for image decoding",
     "eval_batch_size": "batch size in images for evaluation",
     "mask_unlabeled": "mask classes 0..5 (never labels) before taking the top 3",

@@ -74,6 +74,10 @@ class RunConfig:
     # Execution.
     seed: int = 0
     device: str = "auto"
+    # torch's intra-op CPU threads while training; 0 keeps torch's default. It
+    # is part of the run's identity: torch splits float reductions by thread
+    # count, so one seed gives different weights with 1, 2 or 16 threads.
+    threads: int = 0
     workers: int = 0
     eval_batch_size: int = 256
     mask_unlabeled: bool = True
@@ -110,6 +114,8 @@ class RunConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.threads) < 0:
+            problems.append(f"threads must be at least 0 (0 keeps torch's default), got {self.threads}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if self.warmup_epochs < 0:

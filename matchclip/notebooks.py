@@ -47,11 +47,6 @@ EXECUTED_FOLDER = "executed"
 # open_clip logs this on every randomly initialised model, which is the
 # demo backbone's intended state; the notebooks drop it to keep stderr clean.
 RANDOM_INIT_MESSAGE = "No pretrained weights loaded for model"
-# torch splits float reductions by its intra-op thread count, so the same seed
-# gives slightly different weights with 1, 2 or 16 threads, and after a few
-# epochs different scores. Demo notebooks pin one thread so that their outputs
-# reproduce on any CPU count (different CPU instruction sets can still differ).
-DEMO_TORCH_THREADS = 1
 
 
 # Runner ---------------------------------------------------------------------------------------------
@@ -310,12 +305,12 @@ class NotebookSession:
         self.settings = dict(settings or {})
         self.config = resolve_config(profile, self.settings)
 
-        from . import reports
-
-        if reports.is_demo(self.config):
+        # The profile's thread count, for the cells that compute outside
+        # training (attention maps, predictions). Training sets it itself.
+        if self.config.threads > 0:
             import torch
 
-            torch.set_num_threads(DEMO_TORCH_THREADS)
+            torch.set_num_threads(self.config.threads)
 
     def check_inputs(self, configs: Iterable[RunConfig] = ()) -> None:
         """Raise MatchclipError listing every missing input of these configurations, before any training."""

@@ -45,7 +45,12 @@ from .fileio import (
 from .losses import build_loss
 from .metrics import evaluate_scores, top_k
 from .sampler import BalancedBatchSampler, ShuffledBatchSampler
-from .seeding import capture_rng_state, restore_rng_state, seed_everything
+from .seeding import (
+    capture_rng_state,
+    restore_rng_state,
+    seed_everything,
+    torch_threads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -328,8 +333,13 @@ class RunFolder:
 
 
 def train(config: RunConfig) -> TrainResult:
-    """Train (or resume, or return) the run that `config` describes."""
+    """Train (or resume, or return) the run that `config` describes, with `config.threads` CPU threads."""
     config.validate()
+    with torch_threads(config.threads):
+        return _train(config)
+
+
+def _train(config: RunConfig) -> TrainResult:
     experiment = prepare(config)
     context = init_distributed(experiment.device)
     experiment.device = context.rank_device(experiment.device)

@@ -260,3 +260,33 @@ def test_training_revision_is_part_of_the_run_identity(monkeypatch):
     monkeypatch.setattr(experiment, "TRAINING_REVISION", experiment.TRAINING_REVISION + 1)
 
     assert experiment.run_identity(config, "0" * 64) != current
+
+
+def test_threads_setting_applies_while_training_and_is_restored(small_demo, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    original_loop = train_module._train
+
+    def recording_train(config):
+        seen.append(torch.get_num_threads())
+        return original_loop(config)
+
+    monkeypatch.setattr(train_module, "_train", recording_train)
+    before = torch.get_num_threads()
+    train(small_config(small_demo, tmp_path / "run", epochs=1, threads=1))
+
+    assert seen == [1]
+    assert torch.get_num_threads() == before
+
+
+def test_threads_is_part_of_the_run_identity():
+    from matchclip.config import RunConfig
+    from matchclip.experiment import run_identity
+
+    assert run_identity(RunConfig(threads=1), "0" * 64) != run_identity(RunConfig(threads=2), "0" * 64)
+
+
+def test_negative_threads_rejected(small_demo, tmp_path):
+    with pytest.raises(ConfigError, match="threads must be at least 0"):
+        small_config(small_demo, tmp_path / "run", threads=-1)
