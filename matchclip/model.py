@@ -81,7 +81,7 @@ _MASK_LEVELS = 1 << 16
 
 
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, *, dtype: torch.dtype) -> Tensor:
-    """Random CPU mask of `shape` for inverted dropout: 0 with probability ~p, else 1 / (1 - p).
+    """Return a random CPU mask of `shape` for inverted dropout: 0 with probability ~p, else 1 / (1 - p).
 
     p is rounded to a multiple of 1/65536 and the scale uses the rounded
     value, so the mask's mean is exactly 1 in expectation. The draws are

@@ -257,10 +257,10 @@ def test_dropout_mask_rate_and_scale(p):
     torch.manual_seed(0)
     mask = dropout_mask((1000, 1000), p, dtype=torch.float32)
 
-    kept = mask[mask != 0]
+    kept_values = mask[mask != 0]
     # One million draws: the dropped share is within 5 standard deviations of p.
     assert abs(float((mask == 0).float().mean()) - p) < 5 * (p * (1 - p) / 1e6) ** 0.5
-    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - p)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(kept_values, torch.full_like(kept_values, 1 / (1 - p)), rtol=1e-4, atol=0)
     assert abs(float(mask.mean()) - 1.0) < 0.01
 
 
@@ -295,10 +295,10 @@ def test_dropout_module_train_eval_and_gradient():
     torch.manual_seed(0)
     out = layer.train()(x)
     out.sum().backward()
-    kept = out != 0
-    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    kept_mask = out != 0
+    torch.testing.assert_close(out[kept_mask], x[kept_mask] / 0.75)
     # The gradient is the mask itself: 1 / (1 - p) where kept, 0 where dropped.
-    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    torch.testing.assert_close(x.grad, kept_mask.float() / 0.75)
     assert "p=0.25" in repr(layer)
 
 
